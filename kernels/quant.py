@@ -1,0 +1,107 @@
+"""Uniform quantization grids, bit-exact with ONNX QuantizeLinear / DequantizeLinear.
+
+A grid is (scale s > 0, zero point z, code range [qmin, qmax]):
+
+    q = clip(rint(x / s) + z, qmin, qmax)        (round half to even, as QuantizeLinear)
+    x̂ = (q − z) · s                              (DequantizeLinear)
+
+Activations use an asymmetric unsigned grid whose range always contains 0 (so zero is exact, which
+padding and Relu need). Weights use a symmetric signed grid per output channel (z = 0), with the code
+range chosen by the target: [−127, 127] normally, [−64, 64] where u8×s8 products are summed in
+saturating int16 pairs (x86 AVX2 without VNNI: 255·64·2 = 32640 ≤ 32767, so no pair can saturate).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Integer codes of ``x``: clip(rint(x / scale) + zero_point, qmin, qmax), as int64.
+
+    ``scale`` and ``zero_point`` broadcast against ``x`` (reshape per-channel values first).
+    Divides rather than multiplies by 1/scale, matching onnxruntime's QuantizeLinear.
+    """
+    q = np.rint(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32))
+    return np.clip(q.astype(np.int64) + np.asarray(zero_point, dtype=np.int64), qmin, qmax)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """Real values of codes: (q − zero_point) · scale, as float32."""
+    return ((np.asarray(q, np.int64) - np.asarray(zero_point, np.int64)).astype(np.float32)
+            * np.asarray(scale, dtype=np.float32))
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """dequantize(quantize(x)): the value a Q→DQ pair passes on."""
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def affine_params(lo: float, hi: float, qmin: int = 0, qmax: int = 255) -> tuple[np.float32, int]:
+    """Scale and zero point of the asymmetric grid covering [lo, hi] ∪ {0}.
+
+    s = (hi' − lo') / (qmax − qmin) with lo' = min(lo, 0), hi' = max(hi, 0); z = clip(rint(qmin − lo'/s)).
+    A degenerate range (hi' = lo' = 0) gets s = 1, so the grid is valid and 0 stays exact.
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo <= 0.0:
+        return np.float32(1.0), int(qmin)
+    scale = np.float32((hi - lo) / (qmax - qmin))
+    zero_point = int(np.clip(np.rint(qmin - lo / float(scale)), qmin, qmax))
+    return scale, zero_point
+
+
+def symmetric_scales(absmax: np.ndarray, qmax: int) -> np.ndarray:
+    """Per-channel symmetric scales s_c = max|w_c| / qmax, with all-zero channels given s = 1."""
+    absmax = np.asarray(absmax, dtype=np.float32)
+    return np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+
+
+def mse_symmetric_scales(w: np.ndarray, axis: int, qmax: int, grid: int = 80) -> np.ndarray:
+    """Per-channel symmetric scales minimizing ‖w_c − fake_quantize(w_c)‖² over clip ratios.
+
+    Searches s_c = r · max|w_c| / qmax for r on a uniform grid in [0.5, 1]; r = 1 (min-max) is always
+    a candidate, so the result is never worse than min-max on the weights themselves.
+    """
+    flat = channel_rows(np.asarray(w, np.float32), axis)
+    base = symmetric_scales(np.abs(flat).max(axis=1), qmax)[:, None]
+    best_err = np.full(flat.shape[0], np.inf, dtype=np.float64)
+    best = base[:, 0].copy()
+    for r in np.linspace(1.0, 0.5, grid, dtype=np.float32):
+        s = base * r
+        err = ((flat - fake_quantize(flat, s, 0, -qmax, qmax)) ** 2).sum(axis=1, dtype=np.float64)
+        better = err < best_err
+        best_err[better] = err[better]
+        best[better] = s[better, 0]
+    return best.astype(np.float32)
+
+
+def broadcast_channel(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """Reshape per-channel ``values`` so they broadcast along ``axis`` of an ``ndim``-rank tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(values).reshape(shape)
+
+
+def channel_rows(w: np.ndarray, axis: int) -> np.ndarray:
+    """``w`` as a [channels, elements] matrix with channels taken along ``axis``."""
+    return np.moveaxis(np.asarray(w), axis, 0).reshape(w.shape[axis], -1)
+
+
+def block_rows(w_kn: np.ndarray, block: int) -> np.ndarray:
+    """A [K, N] matrix as rows of ``block`` consecutive K-entries, one row per (block, column), in
+    [K/block, N] order; K is zero-padded to a multiple of ``block`` (zeros never widen a range)."""
+    k, n = w_kn.shape
+    nb = -(-k // block)
+    padded = np.zeros((nb * block, n), dtype=w_kn.dtype)
+    padded[:k] = w_kn
+    return padded.reshape(nb, block, n).transpose(0, 2, 1).reshape(nb * n, block)
+
+
+def row_scales(rows: np.ndarray, qmax: int, method: str) -> np.ndarray:
+    """Symmetric scale of each row of ``rows``: min-max (max|w|/qmax) or ``mse`` (clip search)."""
+    if method == "minmax":
+        return symmetric_scales(np.abs(rows).max(axis=1), qmax)
+    if method == "mse":
+        return mse_symmetric_scales(rows, 0, qmax)
+    raise ValueError(f"unknown weight range method {method!r}; choose minmax or mse")

@@ -1,0 +1,115 @@
+"""The quantization plan: the one contract between passes.
+
+Passes read and refine the plan; only the emission pass turns it into Q/DQ nodes. A plan holds
+
+* ``layers``      — every node with a constant weight that will run quantized (Conv, ConvTranspose,
+                    Gemm, MatMul): its weight grid and the float weight/bias values that solvers may
+                    change (emission rounds them on the grid, so a solver that writes w = q·s fixes the
+                    codes exactly);
+* ``activations`` — every float tensor that gets a Q/DQ pair: its grid, calibrated range, and the
+                    tensor it shares its grid with (ops such as MaxPool or Reshape must keep the grid of
+                    their input so onnxruntime can run them on integer codes);
+* ``ops``         — every node planned to run on an integer kernel, for the fusion-coverage check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxptq.kernels.quant import affine_params
+
+
+@dataclass
+class FoldedBN:
+    """A BatchNormalization folded into the preceding layer: y = γ·(x − μ)/√(σ² + ε) + β."""
+
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    epsilon: float
+
+
+@dataclass
+class WeightGrid:
+    """Symmetric signed grid of a weight: per channel along ``axis`` (or per block of ``block_size``
+    along the reduction axis), codes in [−qmax, qmax] (or [−qmax−1, qmax] for int4 storage)."""
+
+    bits: int
+    qmax: int
+    axis: int
+    scale: np.ndarray | None = None
+    block_size: int | None = None
+    storage: str = "int8"
+    qmin: int | None = None
+
+    @property
+    def low(self) -> int:
+        return -self.qmax if self.qmin is None else self.qmin
+
+
+@dataclass
+class LayerPlan:
+    """A node with a constant weight that runs quantized."""
+
+    node: str
+    op_type: str
+    weight_name: str
+    weight: np.ndarray
+    grid: WeightGrid
+    input_name: str
+    bias_name: str | None = None
+    bias: np.ndarray | None = None
+    bn: FoldedBN | None = None
+    activation_input: bool = True
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[self.grid.axis]
+
+
+@dataclass
+class ActivationPlan:
+    """A float tensor that gets a Q/DQ pair (uint8 asymmetric, per tensor unless stated)."""
+
+    name: str
+    bits: int = 8
+    tied_to: str | None = None
+    bound: tuple[float, float] | None = None
+    lo: float | None = None
+    hi: float | None = None
+    constant: bool = False
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def params(self) -> tuple[np.float32, int]:
+        """Scale and zero point of the calibrated range [lo, hi] ∩ bound."""
+        if self.lo is None or self.hi is None:
+            raise RuntimeError(f"activation {self.name!r} has no calibrated range")
+        lo, hi = self.lo, self.hi
+        if self.bound is not None:
+            lo, hi = max(lo, self.bound[0]), min(hi, self.bound[1])
+        return affine_params(lo, hi, 0, self.qmax)
+
+
+@dataclass
+class QuantPlan:
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    activations: dict[str, ActivationPlan] = field(default_factory=dict)
+    ops: dict[str, str] = field(default_factory=dict)
+    folded_bn: dict[str, FoldedBN] = field(default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def root(self, name: str) -> ActivationPlan:
+        """The activation that owns the grid of ``name`` (following ``tied_to`` links)."""
+        act = self.activations[name]
+        while act.tied_to is not None:
+            act = self.activations[act.tied_to]
+        return act
+
+    def act_params(self, name: str) -> tuple[np.float32, int]:
+        return self.root(name).params()

@@ -1,0 +1,114 @@
+"""The compile state every pass reads and writes, the compile options, and the report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import onnx
+import onnx_ir as ir
+
+from onnxptq.data import CalibrationSet
+from onnxptq.plan import QuantPlan
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything a compile depends on besides the model and the data (echoed into the report)."""
+
+    w_bits: int = 8
+    a_bits: int = 8
+    calib_method: str = "mse"
+    percentile: float = 99.999
+    weight_method: str = "mse"
+    exclude: str | None = None
+    target: str = "ort-cpu"
+    seed: int = 0
+    holdout: int | None = None
+    batch_size: int = 8
+    threads: int = 0
+    block_size: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Progress:
+    """Progress reporting; silent by default, a rich progress bar when given a console."""
+
+    def __init__(self, console: Any = None):
+        self.console = console
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        if self.console is None:
+            yield from items
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        with RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=self.console, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
+
+
+@dataclass
+class Report:
+    """What a compile did and measured; ``to_dict`` is the JSON report."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    verification: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def note(self, pass_name: str, text: str) -> None:
+        for entry in self.passes:
+            if entry["name"] == pass_name:
+                entry.setdefault("notes", []).append(text)
+                return
+        self.passes.append({"name": pass_name, "notes": [text]})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "options": self.options, "passes": self.passes,
+                "layers": self.layers, "verification": self.verification, "warnings": self.warnings}
+
+
+@dataclass
+class CompileState:
+    """The model being compiled and everything the passes know about it.
+
+    ``source`` is the user's model and is never modified; ``model`` is the working fp32 graph (onnx-ir),
+    ``plan`` the quantization plan, ``output`` the emitted QDQ model once emission has run.
+    """
+
+    source: onnx.ModelProto
+    model: ir.Model
+    options: CompileOptions
+    calib: CalibrationSet
+    holdout: CalibrationSet | None
+    plan: QuantPlan = field(default_factory=QuantPlan)
+    report: Report = field(default_factory=Report)
+    progress: Progress = field(default_factory=Progress)
+    output: onnx.ModelProto | None = None
+    fused: onnx.ModelProto | None = None
+
+
+def run_passes(state: CompileState, passes: Iterable[Any]) -> None:
+    """Run ``passes`` in order on ``state``, timing each into the report."""
+    for p in passes:
+        start = time.perf_counter()
+        p.run(state)
+        seconds = round(time.perf_counter() - start, 3)
+        for entry in state.report.passes:
+            if entry["name"] == p.name:
+                entry["seconds"] = seconds
+                break
+        else:
+            state.report.passes.append({"name": p.name, "seconds": seconds})

@@ -1,0 +1,56 @@
+"""Compilation targets: what the runtime's integer kernels can compute exactly.
+
+``ort-cpu`` resolves to the host: x86 CPUs without VNNI multiply u8 activations by s8 weights with
+``vpmaddubsw``, which sums adjacent products into a *saturating* int16, so 255·127·2 = 64770 overflows
+and full-range 8-bit weights give wrong results. Weights in [−64, 64] keep every pair sum within
+255·64·2 = 32640 ≤ 32767. CPUs with VNNI (or AMX), and ARM, accumulate in int32 and take [−127, 127].
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxptq.errors import InputError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    weight_qmax8: int
+    description: str
+
+
+TARGETS = {
+    "ort-cpu-avx2": Target("ort-cpu-avx2", 64,
+                           "onnxruntime CPU, x86 without VNNI: 7-bit weight range, saturation-safe everywhere"),
+    "ort-cpu-vnni": Target("ort-cpu-vnni", 127,
+                           "onnxruntime CPU with int32 dot products (x86 VNNI/AMX, ARM): full 8-bit weights"),
+}
+TARGET_NAMES = ("ort-cpu", *TARGETS)
+
+
+def host_has_int32_dot(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Whether this CPU's u8×s8 kernels accumulate without int16 saturation."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in {"x86_64", "amd64", "i386", "i686"}:
+        return True
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def resolve_target(name: str) -> Target:
+    """The concrete target for ``name``; ``ort-cpu`` picks by the host CPU."""
+    if name == "ort-cpu":
+        return TARGETS["ort-cpu-vnni" if host_has_int32_dot() else "ort-cpu-avx2"]
+    if name not in TARGETS:
+        raise InputError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
+    return TARGETS[name]

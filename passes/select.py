@@ -1,0 +1,168 @@
+"""Selection: decide which nodes run quantized and which tensors get a Q/DQ pair.
+
+Rules, for onnxruntime's CPU QDQ fusions (uint8 activations, int8 weights):
+
+* Layers with a constant weight — Conv, Gemm (transA=0, α=β=1), MatMul with a constant 2-D B — are
+  planned with a symmetric per-output-channel weight grid; their float input and their output are
+  quantized. A layer output that only feeds a Relu/Clip is quantized *after* the activation instead,
+  with the grid clipped to the activation's bound, so onnxruntime removes the activation and fuses
+  the pair into the layer (QLinearConv computes the clip for free).
+* A Gemm or weight MatMul whose output is a graph output or feeds only float ops keeps a float output
+  (QGemm / MatMulIntegerToFloat dequantize inside the kernel), saving one rounding.
+* Add, Mul, GlobalAveragePool, AveragePool, Concat and activation×activation MatMul are quantized on
+  all float inputs and their output (QLinearAdd, …). Constant inputs become stored uint8 codes.
+* Data-movement ops (MaxPool, Reshape, Transpose, …) fed by a quantized tensor get an output grid
+  *tied* to their input's, so onnxruntime drops their Q/DQ and moves the codes directly.
+* ``--exclude REGEX`` keeps matching nodes (by name or op type) in float.
+
+With 4-bit weights, Conv keeps int8 storage with codes in [−7, 7] (4-bit values on QLinearConv, the
+fast path), while MatMul/Gemm store int4 blocked along the reduction axis for MatMulNBits, which
+takes a float activation input.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxptq.errors import InputError
+from onnxptq.graph import attr, const, consumers
+from onnxptq.plan import ActivationPlan, LayerPlan, WeightGrid
+from onnxptq.state import CompileState
+from onnxptq.target import resolve_target
+
+ELEMENTWISE = {"Add", "Mul"}
+POOLS = {"GlobalAveragePool", "AveragePool"}
+PASSTHROUGH = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice"}
+BOUNDED = {"Relu", "Clip"}
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def _weight_axis(node: ir.Node) -> int | None:
+    """Output-channel axis of a quantizable layer's constant weight, or None if not quantizable."""
+    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.dtype != np.float32 or not _is_float(node.inputs[0]):
+        return None
+    if node.op_type == "Conv" and w.ndim >= 3:
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        return 0 if bias is None or const(bias) is not None else None
+    if node.op_type == "Gemm" and w.ndim == 2:
+        if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0:
+            return None
+        n = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if c is not None:
+            cv = const(c)
+            if cv is None or cv.shape != (n,) or attr(node, "beta", 1.0) != 1.0:
+                return None
+        return 0 if attr(node, "transB", 0) else 1
+    if node.op_type == "MatMul" and w.ndim == 2:
+        return 1
+    return None
+
+
+class SelectPass:
+    name = "select"
+
+    def run(self, state: CompileState) -> None:
+        opts = state.options
+        if opts.a_bits != 8:
+            raise InputError("--a-bits supports 8 only for now (4-bit activations arrive with the "
+                             "4-bit encodings); use --a-bits 8")
+        try:
+            exclude = re.compile(opts.exclude) if opts.exclude else None
+        except re.error as exc:
+            raise InputError(f"--exclude {opts.exclude!r} is not a valid regular expression: {exc}") from exc
+        target = resolve_target(opts.target)
+        plan = state.plan
+        graph = state.model.graph
+
+        def want(value: ir.Value, bound: tuple[float, float] | None = None, tied_to: str | None = None) -> None:
+            if value.name not in plan.activations:
+                plan.activations[value.name] = ActivationPlan(
+                    value.name, bits=opts.a_bits, bound=bound, tied_to=tied_to, constant=value.is_initializer())
+
+        def want_output(node: ir.Node, float_ok: bool) -> None:
+            out = node.outputs[0]
+            users = consumers(out)
+            if len(users) == 1 and not out.is_graph_output() and users[0].op_type in BOUNDED \
+                    and not skipped(users[0]) and users[0].outputs[0].name in plan.bounds:
+                act = users[0].outputs[0]
+                want(act, bound=plan.bounds[act.name])
+                return
+            if float_ok and (out.is_graph_output() or not any(u.name in quantized for u in users)):
+                return
+            want(out)
+
+        def skipped(node: ir.Node) -> bool:
+            return bool(exclude and (exclude.search(node.name or "") or exclude.search(node.op_type)))
+
+        # Which nodes run quantized is decided first, so a layer knows whether its consumers do.
+        quantized: dict[str, str] = {}
+        for node in graph:
+            if node.domain not in ("", "ai.onnx") or skipped(node):
+                continue
+            if node.op_type in ("Conv", "Gemm", "MatMul") and _weight_axis(node) is not None:
+                quantized[node.name] = node.op_type
+            elif node.op_type == "MatMul" and all(_is_float(v) and const(v) is None for v in node.inputs):
+                quantized[node.name] = node.op_type
+            elif node.op_type in ELEMENTWISE and all(_is_float(v) for v in node.inputs) \
+                    and any(const(v) is None for v in node.inputs):
+                quantized[node.name] = node.op_type
+            elif node.op_type in POOLS and _is_float(node.inputs[0]):
+                quantized[node.name] = node.op_type
+            elif node.op_type == "Concat" and all(_is_float(v) for v in node.inputs):
+                quantized[node.name] = node.op_type
+
+        for node in graph:
+            if node.name in quantized:
+                axis = _weight_axis(node)
+                if axis is not None:
+                    self._plan_layer(state, node, axis, target.weight_qmax8)
+                    layer = plan.layers[node.name]
+                    if layer.activation_input:
+                        want(node.inputs[0])
+                    want_output(node, float_ok=node.op_type in ("Gemm", "MatMul"))
+                else:
+                    for v in node.inputs:
+                        want(v)
+                    want_output(node, float_ok=node.op_type == "MatMul")
+            elif node.op_type in PASSTHROUGH and not skipped(node) and node.inputs[0] is not None \
+                    and node.inputs[0].name in plan.activations and _is_float(node.outputs[0]):
+                want(node.outputs[0], tied_to=node.inputs[0].name)
+        plan.ops = quantized
+        if not plan.layers:
+            raise InputError("the model has no quantizable layers (Conv, Gemm or MatMul with a constant "
+                             "float weight); nothing to compile")
+        state.report.note(self.name, f"{len(plan.layers)} weighted layers, {len(quantized)} quantized ops, "
+                                     f"{len(plan.activations)} quantized tensors; target {target.name}")
+        state.report.model["target"] = target.name
+
+    @staticmethod
+    def _plan_layer(state: CompileState, node: ir.Node, axis: int, qmax8: int) -> None:
+        opts = state.options
+        w = const(node.inputs[1])
+        bias_v = node.inputs[2] if len(node.inputs) > 2 else None
+        if opts.w_bits == 8:
+            grid = WeightGrid(bits=8, qmax=qmax8, axis=axis)
+        elif opts.w_bits == 4 and node.op_type == "Conv":
+            grid = WeightGrid(bits=4, qmax=7, axis=axis)
+        elif opts.w_bits == 4:
+            # Blocked along the reduction axis K: axis 0 of a [K, N] weight, axis 1 of a transB Gemm's
+            # [N, K] (emission transposes it, as MatMulNBits wants B as [K, N]).
+            k_axis = 1 if node.op_type == "Gemm" and attr(node, "transB", 0) else 0
+            grid = WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, block_size=opts.block_size, storage="int4")
+        else:
+            raise InputError(f"--w-bits {opts.w_bits} is not supported; use 8 or 4")
+        state.plan.layers[node.name] = LayerPlan(
+            node=node.name, op_type=node.op_type, weight_name=node.inputs[1].name,
+            weight=w.copy(), grid=grid, input_name=node.inputs[0].name,
+            bias_name=None if bias_v is None else bias_v.name,
+            bias=None if bias_v is None else const(bias_v).copy(),
+            bn=state.plan.folded_bn.get(node.name),
+            activation_input=grid.storage != "int4")

@@ -1,0 +1,83 @@
+"""Verification: the emitted model is checked, loaded and compared before anything is written.
+
+* ``onnx.checker`` on the emitted model;
+* onnxruntime sessions at ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL (both must load and run);
+* fusion coverage from the EXTENDED-optimized graph: of the nodes planned to run quantized, the
+  fraction that onnxruntime runs on an integer kernel (matched by node name, which the fusions keep);
+  the float leftovers are named;
+* output agreement with the user's fp32 model on held-back calibration samples: SQNR, cosine,
+  max |error| and, for class scores, top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import onnx
+
+from onnxptq import runtime
+from onnxptq.metrics import compare_outputs
+from onnxptq.state import CompileState
+
+INTEGER_KERNELS = {
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+    "QLinearAveragePool", "QLinearConcat", "MatMulIntegerToFloat", "MatMulNBits", "QLinearLeakyRelu",
+    "QLinearSigmoid", "QLinearSoftmax", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
+    "QLinearConvTranspose", "QLinearWhere", "QLinearReduceMean",
+}
+
+
+def optimized_kernels(model: onnx.ModelProto, threads: int = 1) -> dict[str, str]:
+    """Node name → op type of ``model`` after onnxruntime's EXTENDED optimizations (what runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        runtime.session(model, threads=threads, level="extended", optimized_path=path)
+        optimized = onnx.load(path)
+    return {n.name: n.op_type for n in optimized.graph.node}
+
+
+def fusion_coverage(planned: dict[str, str], kernels: dict[str, str]) -> dict:
+    """Fraction of planned quantized nodes that run on integer kernels, and the float leftovers.
+
+    A fused node keeps the planned node's name (MatMulNBits appends a suffix to it)."""
+    kernel_of = {}
+    for name in planned:
+        op = kernels.get(name)
+        if op is None:
+            op = next((k for n, k in kernels.items() if n.startswith(name + "_")), "missing")
+        kernel_of[name] = op
+    leftovers = sorted(n for n, op in kernel_of.items() if op not in INTEGER_KERNELS)
+    return {"planned": len(planned), "integer": len(planned) - len(leftovers),
+            "coverage": round((len(planned) - len(leftovers)) / max(len(planned), 1), 6),
+            "float_leftovers": [{"node": n, "op": planned[n], "runs_as": kernel_of[n]} for n in leftovers],
+            "kernels": kernel_of}
+
+
+class VerificationPass:
+    name = "verification"
+
+    def run(self, state: CompileState) -> None:
+        out = state.output
+        onnx.checker.check_model(out, full_check=False)
+        kernels = optimized_kernels(out, threads=state.options.threads)
+        runtime.session(out, threads=state.options.threads, level="all")
+        cov = fusion_coverage(state.plan.ops, kernels)
+        data = state.holdout if state.holdout is not None else state.calib
+        names = [o.name for o in state.source.graph.output]
+        feeds = list(data.batches(state.options.batch_size))
+        ref = runtime.run_all(runtime.session(state.source, threads=state.options.threads), feeds)
+        test = runtime.run_all(runtime.session(out, threads=state.options.threads), feeds)
+        state.report.verification = {
+            "coverage": cov["coverage"], "integer_ops": cov["integer"], "planned_ops": cov["planned"],
+            "float_leftovers": cov["float_leftovers"],
+            "samples": len(data), "held_back": state.holdout is not None,
+            "outputs": compare_outputs(names, ref, test),
+        }
+        for name, layer in state.plan.layers.items():
+            state.report.layers.append({"node": name, "op": layer.op_type, "w_bits": layer.grid.bits,
+                                        "a_bits": 8 if layer.activation_input else 32,
+                                        "kernel": cov["kernels"].get(name)})
+        if state.holdout is None:
+            state.report.warnings.append("agreement was measured on calibration samples (too few to hold "
+                                         "any back); give more samples for an unbiased check")

@@ -1,0 +1,30 @@
+"""Weight grids by round-to-nearest: the per-channel (or per-block) scale of every planned layer.
+
+``minmax`` takes s_c = max|W_c| / qmax; ``mse`` searches s_c = r·max|W_c|/qmax, r ∈ [0.5, 1], for the
+least ‖W_c − ŵ_c‖². Later solvers (AdaQuant, BitSplit) start from these grids.
+"""
+
+from __future__ import annotations
+
+from onnxptq.errors import InputError
+from onnxptq.kernels.quant import block_rows, channel_rows, row_scales
+from onnxptq.state import CompileState
+
+
+class WeightGridPass:
+    name = "weights"
+
+    def run(self, state: CompileState) -> None:
+        method = state.options.weight_method
+        if method not in ("minmax", "mse"):
+            raise InputError(f"unknown --weight-method {method!r}; choose minmax or mse")
+        for layer in state.progress.track(state.plan.layers.values(), "weight grids", len(state.plan.layers)):
+            grid = layer.grid
+            if grid.block_size:
+                w_kn = layer.weight if grid.axis == 0 else layer.weight.T
+                nb = -(-w_kn.shape[0] // grid.block_size)
+                scale = row_scales(block_rows(w_kn, grid.block_size), grid.qmax, method)
+                grid.scale = scale.reshape(nb, w_kn.shape[1])
+            else:
+                grid.scale = row_scales(channel_rows(layer.weight, grid.axis), grid.qmax, method)
+        state.report.note(self.name, f"{len(state.plan.layers)} layers, {method} scales")
