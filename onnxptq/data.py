@@ -53,7 +53,7 @@ class InputSpec:
             if vi.name in inits:
                 continue
             tt = vi.type.tensor_type
-            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
             specs.append(cls(vi.name, np.dtype(_ONNX_TO_NP.get(tt.elem_type, np.float32)), dims))
         return specs
 

@@ -1,0 +1,79 @@
+"""Human-readable summaries of compile and eval reports (rich tables on stderr-free stdout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def outputs_table(title: str, outputs: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    keys = sorted({k for m in outputs.values() for k in m})
+    table.add_column("output")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, m in outputs.items():
+        table.add_row(name, *(_fmt(m.get(k, "")) for k in keys))
+    return table
+
+
+def print_compile(console: Console, report: dict[str, Any], output: str | None) -> None:
+    model, ver = report["model"], report["verification"]
+    ops = {}
+    for layer in report["layers"]:
+        ops.setdefault((layer["op"], layer["w_bits"], layer["kernel"]), 0)
+        ops[(layer["op"], layer["w_bits"], layer["kernel"])] += 1
+    layers = Table(title="Weighted layers", title_justify="left")
+    for col in ("op", "w-bits", "runs as", "count"):
+        layers.add_column(col, justify="right" if col == "count" else "left")
+    for (op, bits, kernel), n in sorted(ops.items()):
+        layers.add_row(op, str(bits), kernel or "?", str(n))
+    console.print(layers)
+    console.print(outputs_table(f"Agreement with fp32 on {ver['samples']} "
+                                f"{'held-back' if ver['held_back'] else 'calibration'} samples", ver["outputs"]))
+    passes = ", ".join(f"{p['name']} {p.get('seconds', 0):.1f}s" for p in report["passes"])
+    console.print(f"fusion coverage [bold]{ver['coverage']:.1%}[/bold] "
+                  f"({ver['integer_ops']}/{ver['planned_ops']} quantized ops on integer kernels)")
+    for left in ver["float_leftovers"]:
+        console.print(f"  float: {left['node']} ({left['op']} runs as {left['runs_as']})")
+    console.print(f"size {model['bytes'] / 1e6:.2f} MB → {model['quantized_bytes'] / 1e6:.2f} MB "
+                  f"({model['size_ratio']:.3f}×), target {model.get('target')}; passes: {passes}")
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if output:
+        console.print(f"wrote {output}")
+
+
+def print_eval(console: Console, result: dict[str, Any]) -> None:
+    console.print(outputs_table(f"Agreement with fp32 on {result['samples']} samples", result["outputs"]))
+    lat = result["latency_ms"]
+    console.print(f"size ratio {result['size_ratio']:.3f}×; latency {lat['quantized']:.2f} ms vs fp32 "
+                  f"{lat['fp32']:.2f} ms = {result['latency_ratio']:.3f}× ({result['threads']} thread(s), interleaved)")
+
+
+def print_inspect(console: Console, info: dict[str, Any]) -> None:
+    console.print(f"opset {info['opset']}, {info['nodes']} nodes, {info['parameters']:,} parameters, "
+                  f"{info['bytes'] / 1e6:.2f} MB")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            console.print(f"{kind[:-1]} {v['name']}: {v['dtype']} {v['shape']}")
+    ops = Table(title="Ops", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    layers = Table(title=f"Quantizable layers ({len(info['layers'])})", title_justify="left")
+    for col in ("node", "op", "weight shape", "folded BN"):
+        layers.add_column(col)
+    for layer in info["layers"]:
+        layers.add_row(layer["node"], layer["op"], str(layer["weight_shape"]), "yes" if layer["bn"] else "")
+    console.print(layers)
