@@ -75,22 +75,29 @@ def _expected_mse(hist: Histogram, lo: float, hi: float, qmax: int) -> float:
 
 
 def _kl_after_quantization(hist: Histogram, lo: float, hi: float, levels: int) -> float:
-    """KL(P ‖ Q) for the clip range [lo, hi]: P folds clipped mass into the edge bins, Q spreads each
-    quantization level's mass evenly over the non-empty bins it covers."""
+    """KL(P ‖ Q) for the clip range [lo, hi] (TensorRT's criterion on an asymmetric grid).
+
+    P is the histogram inside [lo, hi] with the clipped mass folded into its edge bins; Q is the
+    unclipped inside histogram merged into ``levels`` equal-width levels and spread evenly back over
+    each level's non-empty bins. Ranges narrower than ``levels`` bins are not candidates (they would
+    score KL = 0 by resolving every bin exactly).
+    """
     c = hist.centres
     inside = (c >= lo) & (c <= hi)
-    if inside.sum() < 2:
+    if inside.sum() < levels:
         return np.inf
-    p = hist.counts[inside].astype(np.float64)
+    counts = hist.counts[inside].astype(np.float64)
+    p = counts.copy()
     p[0] += hist.counts[c < lo].sum()
     p[-1] += hist.counts[c > hi].sum()
-    level = np.minimum(((c[inside] - lo) / max(hi - lo, 1e-30) * levels).astype(np.int64), levels - 1)
-    nonzero = p > 0
-    mass = np.bincount(level, weights=p, minlength=levels)
+    level = np.minimum(((c[inside] - lo) / (hi - lo) * levels).astype(np.int64), levels - 1)
+    nonzero = counts > 0
+    mass = np.bincount(level, weights=counts, minlength=levels)
     support = np.bincount(level, weights=nonzero.astype(np.float64), minlength=levels)
     q = np.where(nonzero, mass[level] / np.maximum(support[level], 1), 0.0)
-    p, q = p / p.sum(), q / q.sum()
-    return float(np.sum(p[nonzero] * np.log(p[nonzero] / np.maximum(q[nonzero], 1e-12))))
+    p, q = p / p.sum(), q / max(q.sum(), 1e-30)
+    keep = p > 0
+    return float(np.sum(p[keep] * np.log(p[keep] / np.maximum(q[keep], 1e-12))))
 
 
 def select_range(method: str, stat: RangeStat, hist: Histogram | None, bits: int = 8,

