@@ -1,0 +1,177 @@
+"""Benchmark table: every example × configuration, side by side with onnxruntime's quantize_static.
+
+    python -m benchmarks.run [--examples efficientnet_lite0,ppocr_rec,...] [--configs ...] [--out benchmarks/results]
+
+For each example: build the fp32 model, take 64 unlabeled calibration samples (disjoint from the eval
+set), compile every configuration from the same samples, then evaluate all models on the eval set.
+Reported per row: the example's task metric and its drop vs fp32, agreement with fp32, file size ratio,
+latency ratio vs fp32 (interleaved runs in one process, 1 thread, one sample per run), compile time
+and the compile's peak RSS (each compile runs in a fresh process). Writes ``results.md`` and
+``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = ("efficientnet_lite0", "ppocr_rec", "minilm", "magika")
+CALIB_SAMPLES = 64
+
+
+def _compile_onnxptq(fp32: str, calib: dict, out: str, options: dict) -> None:
+    import onnxptq
+
+    onnxptq.compile(fp32, calib, out, **options)
+
+
+def _compile_ort(fp32: str, calib: dict, out: str, method: str) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            n = len(next(iter(calib.values())))
+            self.feeds = iter({k: v[i:i + 1] for k, v in calib.items()} for i in range(n))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                      "entropy": CalibrationMethod.Entropy}[method])
+
+
+CONFIGS = {
+    "onnxptq W8A8": (_compile_onnxptq, {}),
+    "onnxptq W8A8 avx2-safe": (_compile_onnxptq, {"target": "ort-cpu-avx2"}),
+    "onnxptq W4A8": (_compile_onnxptq, {"w_bits": 4}),
+    "ORT quantize_static MinMax": (_compile_ort, "minmax"),
+    "ORT quantize_static Entropy": (_compile_ort, "entropy"),
+}
+
+
+def _child(fn, args, queue) -> None:
+    start = time.perf_counter()
+    try:
+        fn(*args)
+        queue.put({"seconds": time.perf_counter() - start,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    except Exception as exc:  # reported in the table, the run goes on
+        queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+
+
+def compile_in_child(fn, args) -> dict:
+    """Run one compile in a fresh process, so its peak RSS is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def session(path: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def run_example(name: str, configs: list[str], workdir: Path, runs: int) -> list[dict]:
+    from onnxptq.latency import interleaved_latency
+
+    ex = importlib.import_module(f"examples.{name}.example")
+    fp32 = str(ex.fp32_model())
+    calib = ex.calibration_set(CALIB_SAMPLES)
+    inputs, labels = ex.eval_set()
+    paths = {"fp32": fp32}
+    rows = {"fp32": {"example": name, "config": "fp32"}}
+    for config in configs:
+        fn, arg = CONFIGS[config]
+        out = str(workdir / f"{name}-{config.replace(' ', '_')}.onnx")
+        print(f"[{name}] compiling {config} …", file=sys.stderr, flush=True)
+        info = compile_in_child(fn, (fp32, calib, out, arg))
+        rows[config] = {"example": name, "config": config, **info}
+        if "error" not in info:
+            paths[config] = out
+    sessions = {k: session(p) for k, p in paths.items()}
+    from examples.common import run_model
+
+    outputs = {k: run_model(p, inputs) for k, p in paths.items()}
+    one = {k: v[:1] for k, v in inputs.items()}
+    latency = interleaved_latency(sessions, one, runs=runs)
+    fp_size = Path(fp32).stat().st_size
+    fp_metrics = ex.metrics(outputs["fp32"], labels)
+    for key, path in paths.items():
+        m = ex.metrics(outputs[key], labels)
+        row = rows[key]
+        row["metrics"] = m
+        row["primary"] = m[ex.PRIMARY]
+        sign = 1 if ex.HIGHER_IS_BETTER else -1
+        row["drop"] = sign * (fp_metrics[ex.PRIMARY] - m[ex.PRIMARY])
+        row["agreement"] = ex.agreement(outputs["fp32"], outputs[key])
+        row["size_ratio"] = Path(path).stat().st_size / fp_size
+        row["latency_ms"] = latency[key]
+        row["latency_ratio"] = latency[key] / latency["fp32"]
+    return [dict(rows[k], primary_name=ex.PRIMARY) for k in ["fp32", *configs]]
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| example | config | metric | value | drop vs fp32 | agreement with fp32 | size × | latency × | "
+            "compile s | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['example']} | {r['config']} | failed: {r['error']} | | | | | | | |")
+            continue
+        agree = ", ".join(f"{k} {v:.4f}" for k, v in r.get("agreement", {}).items()) if r["config"] != "fp32" else ""
+        lines.append(f"| {r['example']} | {r['config']} | {r['primary_name']} | {r['primary']:.4f} | "
+                     f"{r['drop']:+.4f} | {agree} | {r['size_ratio']:.3f} | {r['latency_ratio']:.3f} | "
+                     f"{r.get('seconds', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", default=",".join(EXAMPLES))
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model")
+    args = parser.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.examples.split(","):
+            rows += run_example(name, configs, Path(tmp), args.runs)
+            print(markdown(rows), file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"onnxruntime": ort.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "calibration_samples": CALIB_SAMPLES, "threads": 1}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
+    (out / "results.md").write_text(f"onnxruntime {meta['onnxruntime']}, {CALIB_SAMPLES} calibration samples, "
+                                    f"latency at 1 thread, one sample per run.\n\n" + markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
