@@ -6,8 +6,11 @@ least ‖W_c − ŵ_c‖². Later solvers (AdaQuant, BitSplit) start from these 
 
 from __future__ import annotations
 
+import numpy as np
+
 from onnxptq.errors import InputError
 from onnxptq.kernels.quant import block_rows, channel_rows, row_scales
+from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
 
 
@@ -26,5 +29,20 @@ class WeightGridPass:
                 scale = row_scales(block_rows(w_kn, grid.block_size), grid.qmax, method)
                 grid.scale = scale.reshape(nb, w_kn.shape[1])
             else:
-                grid.scale = row_scales(channel_rows(layer.weight, grid.axis), grid.qmax, method)
+                grid.scale = self._bias_safe(state, layer, row_scales(channel_rows(layer.weight, grid.axis),
+                                                                      grid.qmax, method))
         state.report.note(self.name, f"{len(state.plan.layers)} layers, {method} scales")
+
+    @staticmethod
+    def _bias_safe(state: CompileState, layer: LayerPlan, scale: np.ndarray) -> np.ndarray:
+        """Raise s_w where the bias could not be stored as int32 at scale s_x·s_w.
+
+        Channels with (near-)zero weights get tiny scales; then b / (s_x·s_w) overflows int32, or
+        s_x·s_w underflows float32. Flooring s_w at |b| / (s_x·2³⁰) and 1e-30 / s_x costs nothing on
+        such channels (their weights quantize to 0 either way).
+        """
+        if layer.bias is None or not layer.activation_input:
+            return scale
+        s_x = float(state.plan.act_params(layer.input_name)[0])
+        floor = np.maximum(np.abs(layer.bias.astype(np.float64)) / (s_x * 2.0**30), 1e-30 / s_x)
+        return np.maximum(scale, floor).astype(np.float32)

@@ -130,3 +130,19 @@ def test_w4_conv_runs_on_int8_kernels_with_4bit_codes(cnn_files, tmp_path):
     qi = inits(onnx.load(tmp_path / "q.onnx"))
     assert qi["w1_quantized"].dtype == np.int8 and np.abs(qi["w1_quantized"]).max() == 7
     assert result.report["verification"]["coverage"] == 1.0
+
+
+def test_dead_channel_bias_stays_representable(rng, tmp_path):
+    """A channel with ~zero weights but a real bias must not overflow the int32 bias (NaN/inf codes)."""
+    model = cnn(rng)
+    w1 = next(i for i in model.graph.initializer if i.name == "w1")
+    w = numpy_helper.to_array(w1).copy()
+    w[3] = 1e-38  # a dead channel, as trained networks have
+    w1.CopyFrom(numpy_helper.from_array(w, "w1"))
+    calib = {"x": rng.standard_normal((20, 3, 16, 16)).astype(np.float32)}
+    with np.errstate(invalid="raise"):
+        result = onnxptq.compile(model, calib, tmp_path / "q.onnx")
+    qi = inits(onnx.load(tmp_path / "q.onnx"))
+    b = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b1"))
+    np.testing.assert_allclose(qi["b1_quantized"][3] * qi["b1_scale"][3], b[3], rtol=1e-3)
+    assert result.report["verification"]["outputs"]["y"]["sqnr_db"] > 30
