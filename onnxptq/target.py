@@ -1,9 +1,11 @@
 """Compilation targets: what the runtime's integer kernels can compute exactly.
 
 ``ort-cpu`` resolves to the host: x86 CPUs without VNNI multiply u8 activations by s8 weights with
-``vpmaddubsw``, which sums adjacent products into a *saturating* int16, so 255·127·2 = 64770 overflows
-and full-range 8-bit weights give wrong results. Weights in [−64, 64] keep every pair sum within
-255·64·2 = 32640 ≤ 32767. CPUs with VNNI (or AMX), and ARM, accumulate in int32 and take [−127, 127].
+``vpmaddubsw``, which sums adjacent products into a *saturating* int16, so 255·(127 + 127) = 64770
+overflows and unconstrained 8-bit weights give wrong results. There, weights keep [−127, 127] but are
+*pair-safe*: each channel's scale is raised until every adjacent pair of codes in the kernel's
+reduction order has same-sign parts summing within ±128 (255·128 = 32640 ≤ 32767), see
+``kernels/saturation.py``. CPUs with VNNI (or AMX), and ARM, accumulate in int32 and need no constraint.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ from onnxptq.errors import InputError
 
 @dataclass(frozen=True)
 class Target:
+    """``weight_qmax8``: code range of 8-bit weights; ``int16_pairs``: u8×s8 products are summed in
+    saturating int16 pairs, so 8-bit weight grids must be pair-safe."""
+
     name: str
     weight_qmax8: int
+    int16_pairs: bool
     description: str
 
 
 TARGETS = {
-    "ort-cpu-avx2": Target("ort-cpu-avx2", 64,
-                           "onnxruntime CPU, x86 without VNNI: 7-bit weight range, saturation-safe everywhere"),
-    "ort-cpu-vnni": Target("ort-cpu-vnni", 127,
+    "ort-cpu-avx2": Target("ort-cpu-avx2", 127, True,
+                           "onnxruntime CPU, x86 without VNNI: 8-bit weights with pair-safe scales, exact "
+                           "on every x86 CPU"),
+    "ort-cpu-vnni": Target("ort-cpu-vnni", 127, False,
                            "onnxruntime CPU with int32 dot products (x86 VNNI/AMX, ARM): full 8-bit weights"),
 }
 TARGET_NAMES = ("ort-cpu", *TARGETS)

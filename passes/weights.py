@@ -1,7 +1,10 @@
 """Weight grids by round-to-nearest: the per-channel (or per-block) scale of every planned layer.
 
 ``minmax`` takes s_c = max|W_c| / qmax; ``mse`` searches s_c = r·max|W_c|/qmax, r ∈ [0.5, 1], for the
-least ‖W_c − ŵ_c‖². Later solvers (AdaQuant, BitSplit) start from these grids.
+least ‖W_c − ŵ_c‖². Scales are then floored so the int32 bias stays representable, and on targets whose
+kernels sum u8×s8 products in saturating int16 pairs (``ort-cpu-avx2``) raised to the least value whose
+codes are pair-safe (``kernels/saturation.py``). Both only raise s_c. Later solvers (AdaQuant, BitSplit)
+start from these grids.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from onnxptq.errors import InputError
+from onnxptq.graph import attr
 from onnxptq.kernels.quant import block_rows, channel_rows, row_scales
+from onnxptq.kernels.saturation import pair_safe_scales, reduction_rows
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
+from onnxptq.target import resolve_target
 
 
 class WeightGridPass:
@@ -21,6 +27,9 @@ class WeightGridPass:
         method = state.options.weight_method
         if method not in ("minmax", "mse"):
             raise InputError(f"unknown --weight-method {method!r}; choose minmax or mse")
+        int16_pairs = resolve_target(state.options.target).int16_pairs
+        groups = {n.name: attr(n, "group", 1) for n in state.model.graph}
+        raised = 0
         for layer in state.progress.track(state.plan.layers.values(), "weight grids", len(state.plan.layers)):
             grid = layer.grid
             if grid.block_size:
@@ -29,9 +38,19 @@ class WeightGridPass:
                 scale = row_scales(block_rows(w_kn, grid.block_size), grid.qmax, method)
                 grid.scale = scale.reshape(nb, w_kn.shape[1])
             else:
-                grid.scale = self._bias_safe(state, layer, row_scales(channel_rows(layer.weight, grid.axis),
-                                                                      grid.qmax, method))
-        state.report.note(self.name, f"{len(state.plan.layers)} layers, {method} scales")
+                scale = self._bias_safe(state, layer, row_scales(channel_rows(layer.weight, grid.axis),
+                                                                 grid.qmax, method))
+                grid.scale = self._pair_safe(layer, scale, groups[layer.node]) if int16_pairs else scale
+                raised += int((grid.scale > scale).sum())
+        pairs = f"; {raised} channel scales raised to be int16-pair-safe" if int16_pairs else ""
+        state.report.note(self.name, f"{len(state.plan.layers)} layers, {method} scales{pairs}")
+
+    @staticmethod
+    def _pair_safe(layer: LayerPlan, scale: np.ndarray, group: int) -> np.ndarray:
+        """The least scales ≥ ``scale`` whose codes no u8 activation can saturate in the layer's kernel
+        (unchanged where that kernel accumulates in int32, i.e. depthwise Conv)."""
+        rows = reduction_rows(layer.weight, layer.op_type, layer.grid.axis, group)
+        return scale if rows is None else pair_safe_scales(rows, scale, layer.grid.qmax)
 
     @staticmethod
     def _bias_safe(state: CompileState, layer: LayerPlan, scale: np.ndarray) -> np.ndarray:

@@ -33,12 +33,12 @@ def test_cnn_fuses_fully_and_agrees(cnn_files, tmp_path):
 def test_weight_and_bias_codes(cnn_files, tmp_path):
     model_path, calib = cnn_files
     src = inits(onnx.load(model_path))
-    q = onnx.load(onnxptq.compile(model_path, calib, tmp_path / "q.onnx", target="ort-cpu-avx2",
+    q = onnx.load(onnxptq.compile(model_path, calib, tmp_path / "q.onnx", target="ort-cpu-vnni",
                                   weight_method="minmax") and tmp_path / "q.onnx")
     qi = inits(q)
     codes, scale = qi["w1_quantized"], qi["w1_scale"]
-    assert codes.dtype == np.int8 and np.abs(codes).max() == 64, "7-bit range, full use of it"
-    np.testing.assert_allclose(scale, np.abs(src["w1"]).reshape(8, -1).max(1) / 64, rtol=1e-6)
+    assert codes.dtype == np.int8 and np.abs(codes).max() == 127, "full 8-bit range, full use of it"
+    np.testing.assert_allclose(scale, np.abs(src["w1"]).reshape(8, -1).max(1) / 127, rtol=1e-6)
     # bias at scale s_x * s_w, int32, rounding to nearest
     s_x = qi["x_scale"]
     np.testing.assert_allclose(qi["b1_scale"], s_x * scale, rtol=1e-6)

@@ -15,10 +15,11 @@ import onnxptq
 from examples.common import run_model
 from onnxptq.target import resolve_target
 
-# (example, agreement key, bound with full 8-bit weights (VNNI/ARM), bound with 7-bit weights (AVX2))
+# (example, agreement key, bound with int32 kernels (VNNI/ARM), bound with int16-pair-safe weights (AVX2))
 CASES = {
-    # measured 0.919 (VNNI) / 0.804 (7-bit) on 260 images; ORT quantize_static 0.877
-    "efficientnet_lite0": ("top1_agreement", 0.89, 0.76),
+    # measured 0.919 (VNNI host) / 0.896 (AVX2 host, pair-safe) on 260 images; ORT quantize_static
+    # 0.877 (VNNI) / 0.615 (AVX2, where its full-range weights saturate)
+    "efficientnet_lite0": ("top1_agreement", 0.89, 0.87),
 }
 
 
@@ -42,5 +43,5 @@ def test_efficientnet_lite0_w8a8(tmp_path):
     assert ver["coverage"] == 1.0, ver["float_leftovers"]
     assert result.report["model"]["ops"]["Conv"] == 49
     onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"))
-    bound = vnni_bound if resolve_target("ort-cpu").weight_qmax8 == 127 else avx2_bound
+    bound = avx2_bound if resolve_target("ort-cpu").int16_pairs else vnni_bound
     assert agreement[key] >= bound, agreement
