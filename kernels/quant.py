@@ -7,8 +7,8 @@ A grid is (scale s > 0, zero point z, code range [qmin, qmax]):
 
 Activations use an asymmetric unsigned grid whose range always contains 0 (so zero is exact, which
 padding and Relu need). Weights use a symmetric signed grid per output channel (z = 0), with the code
-range chosen by the target: [−127, 127] normally, [−64, 64] where u8×s8 products are summed in
-saturating int16 pairs (x86 AVX2 without VNNI: 255·64·2 = 32640 ≤ 32767, so no pair can saturate).
+range [−127, 127]; where u8×s8 products are summed in saturating int16 pairs (x86 AVX2 without
+VNNI) the channel scales are raised until no pair can saturate (``kernels/saturation.py``).
 """
 
 from __future__ import annotations
@@ -86,6 +86,13 @@ def broadcast_channel(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 def channel_rows(w: np.ndarray, axis: int) -> np.ndarray:
     """``w`` as a [channels, elements] matrix with channels taken along ``axis``."""
     return np.moveaxis(np.asarray(w), axis, 0).reshape(w.shape[axis], -1)
+
+
+def from_channel_rows(rows: np.ndarray, axis: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of ``channel_rows``: [channels, elements] back to a tensor of ``shape`` with
+    channels along ``axis``."""
+    moved = (shape[axis], *shape[:axis], *shape[axis + 1:])
+    return np.moveaxis(np.asarray(rows).reshape(moved), 0, axis)
 
 
 def block_rows(w_kn: np.ndarray, block: int) -> np.ndarray:

@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxptq import runtime
+from onnxptq import pipelines, runtime
 from onnxptq.data import ImageOptions, load_calibration
 from onnxptq.errors import BudgetError, InputError
 from onnxptq.latency import interleaved_latency
 from onnxptq.metrics import compare_outputs
 from onnxptq.model_io import check_output_path, load_model, save_model, to_ir
+from onnxptq.passes.bitsplit import BitSplitPass
 from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.emission import EmissionPass
 from onnxptq.passes.fusion import FusionPass
@@ -25,7 +26,8 @@ from onnxptq.passes.verification import VerificationPass
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.state import CompileOptions, CompileState, Progress, run_passes
 
-PIPELINE = (FusionPass, SelectPass, CalibrationPass, WeightGridPass, EmissionPass, VerificationPass)
+PIPELINE = (FusionPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, EmissionPass,
+            VerificationPass)
 
 
 @dataclass
@@ -73,10 +75,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, calib: Any, output: str 
             **options: Any) -> CompileResult:
     """Quantize ``model`` with calibration data ``calib`` (see ``onnxptq.data``) and return the QDQ model.
 
-    ``options`` are the fields of ``CompileOptions``. With ``output`` the model is written atomically
+    ``options`` are the fields of ``CompileOptions``; ``pipeline`` adds correction passes between the
+    weight grids and emission (``onnxptq.pipelines``). With ``output`` the model is written atomically
     there; the output path is checked before any work starts. The input model is never modified.
     """
     opts = _options(options)
+    passes = pipelines.build(opts.pipeline, PIPELINE)
     source, path = _as_model(model)
     if output is not None:
         check_output_path(output, [p for p in (path, calib) if isinstance(p, (str, os.PathLike))])
@@ -87,7 +91,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, calib: Any, output: str 
                          progress=progress or Progress())
     state.report.model = model_summary(source, path)
     state.report.options = opts.to_dict()
-    run_passes(state, [p() for p in PIPELINE])
+    run_passes(state, passes)
     state.report.model["quantized_bytes"] = state.output.ByteSize()
     state.report.model["size_ratio"] = round(state.output.ByteSize() / max(source.ByteSize(), 1), 4)
     result = CompileResult(state.output, state.report.to_dict())

@@ -75,18 +75,29 @@ def cli() -> None:
 @click.option("--calib", required=True, help="Calibration data: .npz (input name → array, samples on axis 0), "
               "a folder of .npy files, or a folder of images.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the QDQ model.")
-@click.option("--w-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
-              help="Weight bits: 8, or 4 (Conv on int8 kernels with 4-bit codes, MatMul/Gemm as int4 MatMulNBits).")
+@click.option("--w-bits", type=click.Choice(["8", "4", "3", "2"]), default="8", show_default=True,
+              help="Weight bits: 8, or 4 (Conv on int8 kernels with 4-bit codes, MatMul/Gemm as int4 MatMulNBits), "
+              "or 3/2 (3- or 2-bit codes on int8 kernels).")
 @click.option("--a-bits", type=click.Choice(["8"]), default="8", show_default=True, help="Activation bits.")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse", "entropy"]), default="mse",
               show_default=True, help="How activation ranges are chosen from the calibration statistics.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
 @click.option("--weight-method", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True,
               help="How per-channel weight scales are chosen.")
+@click.option("--weight-solver", type=click.Choice(["rtn", "bitsplit"]), default="rtn", show_default=True,
+              help="rtn: round to nearest; bitsplit: fit 2–4-bit weights to each layer's response (BitSplit).")
+@click.option("--pipeline", default="light", show_default=True,
+              help="Correction passes between the weight grids and emission: light (= bn-reestimate:layers=hidden,"
+              "bias-correction), advanced (not available yet), or a spec of comma-separated passes, each with "
+              "optional :key=value options, run in the order given: bn-reestimate[:target=fp32|bn][:layers=bn|hidden] "
+              "(match the per-channel mean/std of each BN-folded, or each hidden, layer's output to the fp32 model's, "
+              "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error). Core pass names may "
+              "be listed: 'calibration' alone runs no corrections.")
 @click.option("--exclude", default=None, help="Regex: nodes whose name or op type matches stay float.")
 @click.option("--target", type=click.Choice(["ort-cpu", "ort-cpu-avx2", "ort-cpu-vnni"]), default="ort-cpu",
               show_default=True, help="ort-cpu detects this CPU; ort-cpu-avx2 gives weights that are exact on "
-              "every x86 CPU (7-bit range); ort-cpu-vnni full 8-bit for VNNI/AMX x86 and ARM.")
+              "every x86 CPU (8-bit codes, scales raised so no int16 pair saturates); ort-cpu-vnni unconstrained "
+              "8-bit for VNNI/AMX x86 and ARM.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held back for verification "
               "(default: a fifth, at most 64).")
@@ -98,9 +109,9 @@ def cli() -> None:
 @click.option("--min-top1", type=float, default=None, help="Exit 1 if any class output's top-1 agreement is below this.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @with_image_flags
-def compile_cmd(model, calib, output, w_bits, a_bits, calib_method, percentile, weight_method, exclude, target,
-                seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
-                image_size, resize, mean, std, layout, scale) -> None:
+def compile_cmd(model, calib, output, w_bits, a_bits, calib_method, percentile, weight_method, weight_solver,
+                exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
+                pipeline, image_size, resize, mean, std, layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
     import onnxptq
     from onnxptq.model_io import check_output_path
@@ -116,8 +127,8 @@ def compile_cmd(model, calib, output, w_bits, a_bits, calib_method, percentile, 
         model, calib, output, image_options=_image_options(image_size, resize, mean, std, layout, scale),
         progress=None if quiet else Progress(console),
         w_bits=int(w_bits), a_bits=int(a_bits), calib_method=calib_method, percentile=percentile,
-        weight_method=weight_method, exclude=exclude, target=target, seed=seed, holdout=holdout,
-        batch_size=batch_size, threads=threads)
+        weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
+        holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)

@@ -25,6 +25,7 @@ class CompileOptions:
     calib_method: str = "mse"
     percentile: float = 99.999
     weight_method: str = "mse"
+    weight_solver: str = "rtn"  # rtn (round-to-nearest) or bitsplit (passes/bitsplit.py)
     exclude: str | None = None
     target: str = "ort-cpu"
     seed: int = 0
@@ -32,6 +33,7 @@ class CompileOptions:
     batch_size: int = 8
     threads: int = 0
     block_size: int = 32
+    pipeline: str = "light"  # a name or a spec of correction passes (onnxptq/pipelines.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,7 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
   (``axis`` = the channel axis, zero point 0), or int4 blocked along K for MatMul/Gemm (opset 21
   ``block_size``), which onnxruntime turns into MatMulNBits;
 * biases become int32 at scale s_x·s_w[c] (what QLinearConv/QGemm accumulate in), zero point 0;
+  layers with a float input (int4 MatMulNBits) keep the plan's bias in float;
 * every planned activation t gets t → QuantizeLinear(s, z) → DequantizeLinear → consumers, uint8;
   tied tensors repeat their root's (s, z) so onnxruntime can drop the pair; constant inputs are
   stored as uint8 codes behind a DequantizeLinear.
@@ -25,7 +26,7 @@ import onnx_ir.passes.common as common
 from onnx import version_converter
 
 from onnxptq.errors import InputError
-from onnxptq.graph import add_initializer
+from onnxptq.graph import add_initializer, set_const
 from onnxptq.kernels.quant import broadcast_channel, quantize
 from onnxptq.plan import LayerPlan, QuantPlan
 from onnxptq.state import CompileState
@@ -120,6 +121,8 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
                                         axis=0, block_size=grid.block_size))
         if grid.axis == 1:
             node.attributes["transB"] = ir.Attr("transB", ir.AttributeType.INT, 0)
+        if layer.bias is not None:
+            set_const(w.graph, node, 2, layer.bias.astype(np.float32), layer.bias_name)
         return
     s_w = grid.scale.astype(np.float32)
     codes = quantize(layer.weight, broadcast_channel(s_w, grid.axis, layer.weight.ndim), 0, grid.low, grid.qmax)
@@ -132,34 +135,41 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
         node.replace_input_with(2, w.dq(layer.bias_name, b_q, s_b, np.zeros(len(s_b), np.int32), axis=0))
 
 
+def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
+    """The QDQ model of ``plan`` over a copy of the fused graph ``fp32`` (which is left unchanged).
+
+    Node names are kept, so a planned layer is found in the result by its name.
+    """
+    needed = 21 if any(l.grid.storage == "int4" for l in plan.layers.values()) else 13
+    model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), needed))
+    graph = model.graph
+    nodes = {n.name: n for n in graph}
+    writer = _Writer(graph)
+    for name, layer in plan.layers.items():
+        _emit_layer(writer, nodes[name], layer, plan)
+    values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
+    float_input = {name for name, layer in plan.layers.items() if not layer.activation_input}
+    for name, act in plan.activations.items():
+        scale, zp = plan.act_params(name)
+        if act.constant:
+            init = graph.initializers[name]
+            codes = quantize(init.const_value.numpy(), scale, zp, 0, act.qmax).astype(np.uint8)
+            dq = writer.dq(name, codes, np.array(scale, np.float32), np.array(zp, np.uint8))
+            for use in list(init.uses()):
+                if use.node.name in plan.ops:
+                    use.node.replace_input_with(use.idx, dq)
+        else:
+            writer.qdq(values[name], scale, zp, skip=float_input)
+    common.RemoveUnusedNodesPass()(model)
+    common.TopologicalSortPass()(model)
+    return model
+
+
 class EmissionPass:
     name = "emission"
 
     def run(self, state: CompileState) -> None:
-        plan = state.plan
-        needed = 21 if any(l.grid.storage == "int4" for l in plan.layers.values()) else 13
-        proto = _with_opset(ir.serde.serialize_model(state.model), needed)
-        model = ir.serde.deserialize_model(proto)
-        graph = model.graph
-        nodes = {n.name: n for n in graph}
-        writer = _Writer(graph)
-        for name, layer in plan.layers.items():
-            _emit_layer(writer, nodes[name], layer, plan)
-        values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
-        float_input = {name for name, layer in plan.layers.items() if not layer.activation_input}
-        for name, act in plan.activations.items():
-            scale, zp = plan.act_params(name)
-            if act.constant:
-                init = graph.initializers[name]
-                codes = quantize(init.const_value.numpy(), scale, zp, 0, act.qmax).astype(np.uint8)
-                dq = writer.dq(name, codes, np.array(scale, np.float32), np.array(zp, np.uint8))
-                for use in list(init.uses()):
-                    if use.node.name in plan.ops:
-                        use.node.replace_input_with(use.idx, dq)
-            else:
-                writer.qdq(values[name], scale, zp, skip=float_input)
-        common.RemoveUnusedNodesPass()(model)
-        common.TopologicalSortPass()(model)
+        model = emit_model(state.model, state.plan)
         out = ir.serde.serialize_model(model)
         out.producer_name = "onnxptq"
         stamp = {"options": state.options.to_dict(), "target": state.report.model.get("target")}
@@ -169,4 +179,4 @@ class EmissionPass:
         for key in sorted(meta):
             out.metadata_props.add(key=key, value=meta[key])
         state.output = out
-        state.report.note(self.name, f"opset {_opset(out)}, {sum(1 for _ in graph)} nodes")
+        state.report.note(self.name, f"opset {_opset(out)}, {len(out.graph.node)} nodes")

@@ -6,9 +6,12 @@
    a_c = γ_c / √(σ²_c + ε), the folded layer is W'_c = a_c·W_c and b'_c = a_c·(b_c − μ_c) + β_c, exactly
    the same function; (γ, β, μ, σ², ε) are kept in the plan, for BN re-estimation. A BN whose
    producer has other consumers, or whose parameters are not constants, stays a node.
-4. Range-bounding activations are noted: Relu bounds its output to [0, ∞), Clip to [min, max];
+4. A rank-2 MatMul with a constant weight followed by an Add of a constant [N] bias becomes a Gemm:
+   onnxruntime would otherwise fuse the pair into a float Gemm (MatMulAddFusion) before its QDQ
+   fusions see them, and the layer would run in float; as a Gemm it runs on QGemm with an int32 bias.
+5. Range-bounding activations are noted: Relu bounds its output to [0, ∞), Clip to [min, max];
    calibration clips the grid to that bound, which also lets onnxruntime drop the op.
-5. Every node and value gets a unique name (verification maps planned layers to fused kernels by
+6. Every node and value gets a unique name (verification maps planned layers to fused kernels by
    node name) and shapes/types are inferred.
 """
 
@@ -19,7 +22,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
-from onnxptq.graph import attr, const, consumers, set_const
+from onnxptq.graph import add_initializer, attr, const, consumers, set_const
 from onnxptq.plan import FoldedBN
 from onnxptq.state import CompileState
 
@@ -85,6 +88,32 @@ def _fold_one(graph: ir.Graph, bn: ir.Node, plan_bn: dict[str, FoldedBN]) -> boo
     return True
 
 
+def _gemm_from_matmul_add(graph: ir.Graph, mm: ir.Node) -> bool:
+    """Rewrite MatMul(x, W) + b as Gemm(x, W, b) when x is rank 2, W a constant [K, N], b a constant [N]
+    (or [1, N]) and the Add is the MatMul's only consumer."""
+    x, w_v = mm.inputs[0], mm.inputs[1]
+    w = const(w_v)
+    y = mm.outputs[0]
+    users = consumers(y)
+    if w is None or w.ndim != 2 or x is None or x.shape is None or len(x.shape) != 2 or len(users) != 1 \
+            or y.is_graph_output() or users[0].op_type != "Add" or users[0].domain != "":
+        return False
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    b = const(other)
+    if b is None or b.dtype != np.float32 or b.size != w.shape[1] or b.shape[-1] != w.shape[1] or b.ndim > 2:
+        return False
+    bias = add_initializer(graph, f"{mm.name}_B", b.reshape(-1))
+    gemm = ir.node("Gemm", inputs=[x, w_v, bias], name=mm.name)
+    graph.insert_before(add, gemm)
+    out = add.outputs[0]
+    name = out.name
+    out.replace_all_uses_with(gemm.outputs[0], replace_graph_outputs=True)
+    gemm.outputs[0].name, gemm.outputs[0].shape, gemm.outputs[0].type = name, out.shape, out.type
+    graph.remove([add, mm], safe=True)
+    return True
+
+
 def _bounds(node: ir.Node) -> tuple[float, float] | None:
     """[lo, hi] an activation node bounds its output to, or None (opset < 11 Clip uses attributes)."""
     if node.op_type == "Relu":
@@ -112,6 +141,9 @@ class FusionPass:
         common.RemoveUnusedNodesPass()(model)
         common.NameFixPass()(model)
         graph = model.graph
+        common.ShapeInferencePass()(model)
+        gemms = sum(_gemm_from_matmul_add(graph, node) for node in list(graph)
+                    if node.op_type == "MatMul" and node.domain == "")
         folded = 0
         for node in list(graph):
             if node.op_type == "BatchNormalization" and node.domain == "":
@@ -123,4 +155,5 @@ class FusionPass:
         common.ShapeInferencePass()(model)
         common.TopologicalSortPass()(model)
         left = sum(1 for n in graph if n.op_type == "BatchNormalization")
-        state.report.note(self.name, f"{folded} BatchNormalization folded" + (f", {left} left as nodes" if left else ""))
+        state.report.note(self.name, f"{folded} BatchNormalization folded" + (f", {left} left as nodes" if left else "")
+                          + (f", {gemms} MatMul+Add rewritten as Gemm" if gemms else ""))

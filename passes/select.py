@@ -13,12 +13,22 @@ Rules, for onnxruntime's CPU QDQ fusions (uint8 activations, int8 weights):
   all float inputs and their output (QLinearAdd, …). Constant inputs become stored uint8 codes.
 * Data-movement ops (MaxPool, Reshape, Transpose, …) fed by a quantized tensor get an output grid
   *tied* to their input's, so onnxruntime drops their Q/DQ and moves the codes directly.
+* Normalization statistics stay float: a tensor computed only from reductions (ReduceMean/Sum/Max…)
+  through elementwise or shape ops — a mean, a variance E[x²]−E[x]², 1/√(σ²+ε) — has a range that
+  varies from row to row, and one per-tensor grid for it costs more than the whole rest of the model
+  (magika's LayerNorm spelled out in basic ops: quantizing its variance alone drops fp32 top-1
+  agreement to 0.37). Add/Mul/Concat/MatMul reading such a tensor run in float.
+* Add/Mul with an input computed only from integer graph inputs stay float: such a tensor is a mask
+  or a bias of extreme magnitude (BERT's (1 − mask)·−10000), and one grid for both operands would
+  spend all 256 codes on it (MiniLM: quantizing one attention-score Add drops the embedding cosine
+  to 0.75). A weighted layer reading one (a one-hot input, as in magika) is still quantized.
 * ``--exclude REGEX`` keeps matching nodes (by name or op type) in float. The outputs of float
   compute layers stay float too (see ``pinned`` below), so ops reading them run in float.
 
 With 4-bit weights, Conv keeps int8 storage with codes in [−7, 7] (4-bit values on QLinearConv, the
 fast path), while MatMul/Gemm store int4 blocked along the reduction axis for MatMulNBits, which
-takes a float activation input.
+takes a float activation input. With 3 or 2 bits every layer keeps int8 storage, codes in [−3, 3] or
+[−1, 1], on the same integer kernels as 8-bit weights.
 """
 
 from __future__ import annotations
@@ -39,6 +49,10 @@ POOLS = {"GlobalAveragePool", "AveragePool"}
 PASSTHROUGH = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice"}
 BOUNDED = {"Relu", "Clip"}
 COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2",
+              "ReduceLogSumExp", "ReduceProd"}
+POINTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Max", "Min", "Neg", "Abs", "Exp", "Log",
+             "Clip", "Cast", "Identity", "Reshape", "Expand", "Unsqueeze", "Squeeze"}
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -66,6 +80,38 @@ def _weight_axis(node: ir.Node) -> int | None:
     if node.op_type == "MatMul" and w.ndim == 2:
         return 1
     return None
+
+
+def statistics(graph: ir.Graph) -> set[str]:
+    """Names of the tensors that only serve to compute reductions' statistics.
+
+    Forward: a reduction's output, and the output of a pointwise or shape op whose computed
+    (non-constant) inputs are all statistics (mean, variance, 1/√(σ²+ε)). Backward: the output of a
+    pointwise op read only by reductions or statistics (the x² of E[x²]).
+    """
+    stats: set[str] = set()
+    for node in graph:  # topological order: a node's inputs are classified before it
+        computed = [v for v in node.inputs if v is not None and const(v) is None]
+        if node.op_type in REDUCTIONS or (node.op_type in POINTWISE and computed
+                                          and all(v.name in stats for v in computed)):
+            stats.update(v.name for v in node.outputs)
+    for node in reversed(list(graph)):  # reverse order: a node's consumers are classified before it
+        users = [u for v in node.outputs for u in consumers(v)]
+        if node.op_type in POINTWISE and users and not any(v.is_graph_output() for v in node.outputs) \
+                and all(u.op_type in REDUCTIONS or all(v.name in stats for v in u.outputs) for u in users):
+            stats.update(v.name for v in node.outputs)
+    return stats
+
+
+def from_integers(graph: ir.Graph) -> set[str]:
+    """Names of the tensors computed from non-float graph inputs and constants by pointwise and shape
+    ops alone (a lookup such as Gather into a constant table yields features, not a mask)."""
+    derived = {v.name for v in graph.inputs if not _is_float(v)}
+    for node in graph:
+        computed = [v for v in node.inputs if v is not None and const(v) is None]
+        if node.op_type in POINTWISE and computed and all(v.name in derived for v in computed):
+            derived.update(v.name for v in node.outputs)
+    return derived
 
 
 class SelectPass:
@@ -107,17 +153,26 @@ class SelectPass:
         # Which nodes run quantized is decided first, so a layer knows whether its consumers do.
         # Outputs of float compute layers are pinned to float: a Q right after such a layer (or after
         # its Relu/Clip) would let onnxruntime quantize the layer's float weight and fuse it anyway.
+        # Normalization statistics are pinned from the start.
         quantized: dict[str, str] = {}
-        pinned: set[str] = set()
+        pinned: set[str] = statistics(graph)
+        masks = from_integers(graph)
         for node in graph:
             int4 = opts.w_bits == 4 and node.op_type in ("MatMul", "Gemm") and _weight_axis(node) is not None
-            if (int4 or self._runs_quantized(node, pinned)) and not skipped(node):
+            if (int4 or self._runs_quantized(node, pinned, masks)) and not skipped(node):
                 quantized[node.name] = node.op_type
                 if int4:  # MatMulNBits: float in, float out; a Q/DQ on either side blocks the fusion
                     pinned.update(v.name for v in node.outputs)
             elif node.op_type in COMPUTE or (node.op_type in BOUNDED and node.inputs[0] is not None
                                             and node.inputs[0].name in pinned):
                 pinned.update(v.name for v in node.outputs)
+        # An elementwise op, pool or Concat pays only when an integer kernel reads its result;
+        # otherwise the result is dequantized at once and the extra rounding buys no speed (in MiniLM,
+        # the bias and residual Adds before each float LayerNorm cost 0.18 of embedding cosine).
+        for node in reversed(list(graph)):
+            if node.name in quantized and node.op_type not in COMPUTE \
+                    and not self._feeds_integer(node.outputs[0], quantized):
+                del quantized[node.name]
 
         for node in graph:
             if node.name in quantized:
@@ -144,16 +199,26 @@ class SelectPass:
         state.report.model["target"] = target.name
 
     @staticmethod
-    def _runs_quantized(node: ir.Node, pinned: set[str]) -> bool:
+    def _feeds_integer(value: ir.Value, quantized: dict[str, str]) -> bool:
+        """Whether a node planned to run quantized reads ``value``, directly or through data-movement
+        ops and Relu/Clip (which onnxruntime runs on the codes or folds away)."""
+        return any(u.name in quantized or (u.op_type in PASSTHROUGH | BOUNDED
+                                           and SelectPass._feeds_integer(u.outputs[0], quantized))
+                   for u in consumers(value))
+
+    @staticmethod
+    def _runs_quantized(node: ir.Node, pinned: set[str], masks: set[str]) -> bool:
         """Whether onnxruntime has an integer kernel for ``node`` as the rules above plan it."""
-        if node.domain not in ("", "ai.onnx") or any(v is not None and v.name in pinned for v in node.inputs):
+        if node.domain not in ("", "ai.onnx") or any(v is not None and v.name in pinned
+                                                     for v in (*node.inputs, *node.outputs)):
             return False
         if node.op_type in ("Conv", "Gemm", "MatMul") and _weight_axis(node) is not None:
             return True
         if node.op_type == "MatMul":
             return all(_is_float(v) and const(v) is None for v in node.inputs)
         if node.op_type in ELEMENTWISE:
-            return all(_is_float(v) for v in node.inputs) and any(const(v) is None for v in node.inputs)
+            return all(_is_float(v) and v.name not in masks for v in node.inputs) \
+                and any(const(v) is None for v in node.inputs)
         if node.op_type in POOLS:
             return _is_float(node.inputs[0])
         if node.op_type == "Concat":
@@ -167,15 +232,15 @@ class SelectPass:
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
         if opts.w_bits == 8:
             grid = WeightGrid(bits=8, qmax=qmax8, axis=axis)
-        elif opts.w_bits == 4 and node.op_type == "Conv":
-            grid = WeightGrid(bits=4, qmax=7, axis=axis)
+        elif opts.w_bits in (2, 3) or (opts.w_bits == 4 and node.op_type == "Conv"):
+            grid = WeightGrid(bits=opts.w_bits, qmax=2 ** (opts.w_bits - 1) - 1, axis=axis)
         elif opts.w_bits == 4:
             # Blocked along the reduction axis K: axis 0 of a [K, N] weight, axis 1 of a transB Gemm's
             # [N, K] (emission transposes it, as MatMulNBits wants B as [K, N]).
             k_axis = 1 if node.op_type == "Gemm" and attr(node, "transB", 0) else 0
             grid = WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, block_size=opts.block_size, storage="int4")
         else:
-            raise InputError(f"--w-bits {opts.w_bits} is not supported; use 8 or 4")
+            raise InputError(f"--w-bits {opts.w_bits} is not supported; use 8, 4, 3 or 2")
         state.plan.layers[node.name] = LayerPlan(
             node=node.name, op_type=node.op_type, weight_name=node.inputs[1].name,
             weight=w.copy(), grid=grid, input_name=node.inputs[0].name,

@@ -101,7 +101,7 @@ def test_unwritable_output(cnn_files, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value,needle", [
     ("--calib-method", "magic", "--calib-method"),
-    ("--w-bits", "3", "--w-bits"),
+    ("--w-bits", "5", "--w-bits"),
     ("--target", "tpu", "--target"),
     ("--exclude", "(", "regular expression"),
 ])

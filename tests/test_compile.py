@@ -34,7 +34,7 @@ def test_weight_and_bias_codes(cnn_files, tmp_path):
     model_path, calib = cnn_files
     src = inits(onnx.load(model_path))
     q = onnx.load(onnxptq.compile(model_path, calib, tmp_path / "q.onnx", target="ort-cpu-vnni",
-                                  weight_method="minmax") and tmp_path / "q.onnx")
+                                  weight_method="minmax", pipeline="calibration") and tmp_path / "q.onnx")
     qi = inits(q)
     codes, scale = qi["w1_quantized"], qi["w1_scale"]
     assert codes.dtype == np.int8 and np.abs(codes).max() == 127, "full 8-bit range, full use of it"

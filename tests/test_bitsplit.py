@@ -1,0 +1,318 @@
+"""BitSplit: the solver kernel against planted and brute-force optima, im2col against a direct
+convolution, the captured statistics against onnxruntime, and the pass end to end."""
+
+import itertools
+
+import numpy as np
+import pytest
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+import onnxptq
+from conftest import cnn, fvi, make_model
+from onnxptq.capture import channel_axis, response_stats
+from onnxptq.cli import main
+from onnxptq.data import load_calibration
+from onnxptq.errors import InputError
+from onnxptq.kernels.bitsplit import solve, split_planes, stitch
+from onnxptq.kernels.im2col import channels_last_rows, conv_output_shape, conv_pads, im2col
+from onnxptq.kernels.quant import channel_rows, row_scales
+from onnxptq.kernels.response import ResponseStats
+from onnxptq.model_io import to_ir
+from onnxptq.passes.calibration import CalibrationPass
+from onnxptq.passes.fusion import FusionPass
+from onnxptq.passes.select import SelectPass
+from onnxptq.passes.weights import WeightGridPass
+from onnxptq.runtime import session
+from onnxptq.state import CompileOptions, CompileState
+
+
+def layer_problem(rng, c, k, n=400, groups=1, noise=0.0):
+    """Stats of a random layer with post-Relu-like inputs, its weights [C, K] and its rows; ``noise``
+    adds a part of the target no weight can fit."""
+    x = np.maximum(rng.standard_normal((groups, n, k)) * rng.uniform(0.2, 2.0, k), 0)
+    w = rng.standard_normal((c, k)) * rng.uniform(0.5, 1.5, (c, 1))
+    y = np.concatenate([x[g] @ w.reshape(groups, -1, k)[g].T for g in range(groups)], axis=1)
+    y += noise * y.std() * rng.standard_normal(y.shape)
+    stats = ResponseStats(groups, k, c)
+    stats.update(x, y)
+    return stats, w, x, y
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_planes_stitch_back(rng, bits):
+    qmax = 2 ** (bits - 1) - 1
+    q = rng.integers(-qmax, qmax + 1, (5, 40))
+    planes = split_planes(q, bits)
+    assert planes.shape == (bits - 1, 5, 40) and set(np.unique(planes)) <= {-1, 0, 1}
+    np.testing.assert_array_equal(stitch(planes, bits), q)
+
+
+def test_response_stats_stream_and_objective(rng):
+    stats, w, x, y = layer_problem(rng, 6, 10, n=300, groups=2)
+    halves = ResponseStats(2, 10, 6)
+    halves.update(x[:, :100], y[:100])
+    halves.update(x[:, 100:], y[100:])
+    np.testing.assert_allclose(halves.gram, stats.gram, rtol=1e-12)
+    np.testing.assert_allclose(halves.xty, stats.xty, rtol=1e-12)
+    v = w + rng.standard_normal(w.shape) * 0.1
+    direct = [((y[:, c] - x[c // 3] @ v[c]) ** 2).sum() for c in range(6)]
+    np.testing.assert_allclose(stats.objective(v), direct, rtol=1e-9)
+    shift = stats.bias_shift(v)
+    np.testing.assert_allclose(shift, [(y[:, c] - x[c // 3] @ v[c]).mean() for c in range(6)], rtol=1e-9)
+    after_shift = [((y[:, c] - x[c // 3] @ v[c] - shift[c]) ** 2).sum() for c in range(6)]
+    np.testing.assert_allclose(stats.centered().objective(v), after_shift, rtol=1e-9)
+
+
+def test_weight_space_stats(rng):
+    w, v = rng.standard_normal((2, 6, 5))
+    stats = ResponseStats.weight_space(w, groups=2)
+    np.testing.assert_allclose(stats.objective(v), ((w - v) ** 2).sum(axis=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits,groups,block", [(2, 1, None), (3, 1, None), (4, 1, None), (4, 4, None), (4, 1, 8)])
+def test_steps_never_increase_objective_and_codes_stay_in_range(rng, bits, groups, block):
+    stats, w, _, _ = layer_problem(rng, 8, 20, groups=groups)
+    qmax = 2 ** (bits - 1) - 1
+    rows = w if block is None else np.pad(w, [(0, 0), (0, 4)]).reshape(-1, block)  # K = 20: a partial block
+    scale = row_scales(rows.astype(np.float32), qmax, "mse").reshape(8, -1)
+    result = solve(stats, w, bits, scale, block)
+    steps = np.diff(result.history)
+    assert (steps <= 1e-12 * result.history[0]).all(), "an α or plane step increased the objective"
+    assert np.all(result.objective <= result.rtn * (1 + 1e-12)), "no channel ends worse than round-to-nearest"
+    assert result.codes.dtype.kind == "i" and np.abs(result.codes).max() <= qmax
+    assert (result.scale > 0).all() and result.scale.shape == (8, 1 if block is None else 3)
+    entry = np.repeat(result.scale, block or 20, axis=1)[:, :20]
+    np.testing.assert_allclose(stats.objective(entry * result.codes), result.objective, rtol=1e-9, atol=1e-9)
+
+
+def test_8_bits_runs(rng):
+    stats, w, _, _ = layer_problem(rng, 4, 12)
+    result = solve(stats, w, 8, row_scales(w.astype(np.float32), 127, "mse"), max_iter=3)
+    assert np.abs(result.codes).max() <= 127 and result.objective.sum() <= result.rtn.sum()
+
+
+def planted(rng, bits, c=6, k=24, n=2000):
+    """Correlated inputs X, codes q (each channel with a ±1 code, which pins its scale: otherwise
+    2α·(q/2) would be the same weight), scales α, and the stats of Y = X·(α ⊙ q)ᵀ."""
+    qmax = 2 ** (bits - 1) - 1
+    q = rng.integers(-qmax, qmax + 1, (c, k))
+    q[:, 0] = 1
+    alpha = rng.uniform(0.5, 2.0, c)
+    x = rng.standard_normal((1, n, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    stats = ResponseStats(1, k, c)
+    stats.update(x, x[0] @ (alpha[:, None] * q).T)
+    return q, alpha, stats
+
+
+def assert_recovered(result, q, alpha, stats):
+    assert result.objective.sum() <= 1e-12 * stats.yy.sum()
+    np.testing.assert_array_equal(result.codes, q)
+    np.testing.assert_allclose(result.scale[:, 0], alpha, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_planted_codes_recovered(rng, bits):
+    q, alpha, stats = planted(rng, bits)
+    w = alpha[:, None] * q
+    result = solve(stats, w, bits, row_scales(w.astype(np.float32), 2 ** (bits - 1) - 1, "mse"))
+    assert_recovered(result, q, alpha, stats)
+
+
+def test_planted_ternary_codes_recovered_from_the_response_alone(rng):
+    """2 bits (one plane): handed perturbed weights whose rounding is wrong, the exact ternary
+    coordinate descent on the response finds the planted codes. (With 3–4 bits the plane-wise descent
+    can stall in a local optimum from such a start: measured on 20 trials of 6 channels, all channels
+    recovered in 10/20 at 3 bits and 5/20 at 4 bits, the rest within 0.05% of ‖Y‖².)"""
+    q, alpha, stats = planted(rng, 2)
+    noisy = alpha[:, None] * (q + rng.uniform(-0.45, 0.45, q.shape) * (q == 0))
+    noisy[:, 1] += alpha * 0.6 * (q[:, 1] == 0)  # a zero code that rounds to ±1
+    noisy[:, 2] -= alpha * 0.6 * (q[:, 2] == 1)  # a one that rounds to zero
+    result = solve(stats, noisy, 2, row_scales(noisy.astype(np.float32), 1, "mse"), max_iter=50, tol=0)
+    assert result.rtn.sum() > 1e-3 * stats.yy.sum(), "rounding alone should be wrong here"
+    assert_recovered(result, q, alpha, stats)
+
+
+def brute_force(stats, c, qmax):
+    """min over all codes q ∈ [−Q, Q]^K with the best real α of ‖y_c − α·Xq‖² = ‖y‖² − (qᵀb)²/(qᵀAq)."""
+    k = stats.gram.shape[1]
+    q = np.array(list(itertools.product(range(-qmax, qmax + 1), repeat=k)), np.float64)
+    num = (q @ stats.xty[c]) ** 2
+    den = np.einsum("nk,kl,nl->n", q, stats.gram[0], q)
+    return stats.yy[c] - np.where(den > 0, num / np.maximum(den, 1e-300), 0.0).max()
+
+
+@pytest.mark.parametrize("bits,k", [(2, 6), (3, 5)])
+def test_against_brute_force_on_tiny_layers(rng, bits, k):
+    """Coordinate descent over planes and α is a local method. Measured on 200 tiny noisy layers per
+    setting: it finds the global optimum on 69% (2 bits, K = 6) and 48% (3 bits, K = 5), the 90th
+    percentile of its excess error is 15% / 11% of the optimum's, the worst 2.4× / 0.44×; round-to-
+    nearest finds the optimum on none (median excess 17% / 9%). Here: 20 layers, optimum on ≥ 40%."""
+    qmax = 2 ** (bits - 1) - 1
+    found = []
+    for _ in range(20):
+        stats, w, _, _ = layer_problem(rng, 1, k, n=60, noise=0.5)
+        result = solve(stats, w, bits, row_scales(w.astype(np.float32), qmax, "mse"), max_iter=100, tol=0)
+        best = brute_force(stats, 0, qmax)
+        assert best <= result.objective[0] * (1 + 1e-9) <= result.rtn[0] * (1 + 1e-9)
+        found.append(result.objective[0] <= best * (1 + 1e-9))
+    assert np.mean(found) >= 0.4, found
+
+
+def direct_conv(x, w, strides, dilations, pads, groups):
+    """Reference convolution: one shifted, strided slice of the padded input per kernel tap."""
+    rank = x.ndim - 2
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
+    out = conv_output_shape(x.shape[2:], w.shape[2:], strides, dilations, pads)
+    m, cg = w.shape[:2]
+    y = np.zeros((x.shape[0], m, *out))
+    for tap in itertools.product(*(range(k) for k in w.shape[2:])):
+        sl = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, dilations, out, strides))
+        patch = xp[(slice(None), slice(None)) + sl]  # [N, C, *out]
+        for g in range(groups):
+            wg = w[g * (m // groups):(g + 1) * (m // groups), :, *tap]  # [M/G, C/G]
+            y[:, g * (m // groups):(g + 1) * (m // groups)] += np.einsum(
+                "mc,nc...->nm...", wg, patch[:, g * cg:(g + 1) * cg])
+    return y
+
+
+@pytest.mark.parametrize("shape,kernel,strides,dilations,pads,groups", [
+    ((2, 4, 9, 8), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1),
+    ((2, 4, 9, 8), (3, 2), (2, 1), (1, 2), (0, 1, 2, 0), 2),
+    ((1, 6, 7, 7), (5, 5), (2, 2), (1, 1), (1, 1, 2, 2), 6),   # depthwise, TF-style asymmetric pads
+    ((3, 4, 11), (3,), (2,), (2,), (1, 0), 1),                  # 1-D
+])
+def test_im2col_matches_direct_convolution(rng, shape, kernel, strides, dilations, pads, groups):
+    x = rng.standard_normal(shape)
+    m = 2 * groups
+    w = rng.standard_normal((m, shape[1] // groups, *kernel))
+    cols = im2col(x, kernel, strides, dilations, pads, groups)
+    w_g = w.reshape(groups, m // groups, -1)
+    y_rows = np.concatenate([cols[g] @ w_g[g].T for g in range(groups)], axis=1)
+    ref = direct_conv(x, w, strides, dilations, pads, groups)
+    np.testing.assert_allclose(y_rows, channels_last_rows(ref), atol=1e-10)
+    some = np.array([5, 0, 3])
+    np.testing.assert_array_equal(im2col(x, kernel, strides, dilations, pads, groups, some), cols[:, some])
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_auto_pad_matches_onnx_reference(rng, auto_pad):
+    x = rng.standard_normal((1, 2, 8, 7)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 2)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad=auto_pad, strides=[2, 3])
+    ref = ReferenceEvaluator(node).run(None, {"x": x, "w": w})[0]
+    pads = conv_pads(x.shape[2:], (3, 2), (2, 3), (1, 1), None, auto_pad)
+    cols = im2col(x, (3, 2), (2, 3), (1, 1), pads)
+    np.testing.assert_allclose(cols[0] @ w.reshape(3, -1).T, channels_last_rows(ref), rtol=1e-5, atol=1e-5)
+
+
+def planned_state(model, x, **options):
+    state = CompileState(source=model, model=to_ir(model), options=CompileOptions(**options),
+                         calib=load_calibration({"x": x}, model), holdout=None)
+    for p in (FusionPass(), SelectPass(), CalibrationPass(), WeightGridPass()):
+        p.run(state)
+    return state
+
+
+def test_captured_statistics_match_the_layers(rng):
+    """With fp32 inputs Y = X·Wᵀ exactly, so XᵀY = A·Wᵀ: checks the patches against onnxruntime's Conv,
+    the Gemm rows and the bias removal; a small row cap exercises the subsampling."""
+    x = rng.standard_normal((12, 3, 16, 16)).astype(np.float32)
+    state = planned_state(cnn(rng), x, w_bits=4, batch_size=5)
+    layers = list(state.plan.layers.values())
+    stats = response_stats(state, layers, max_rows=300)
+    for layer in layers:
+        st = stats[layer.node]
+        w = channel_rows(layer.weight, channel_axis(layer)).astype(np.float64)
+        expected = (w @ st.gram[0])
+        np.testing.assert_allclose(st.xty, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert stats["conv1"].rows == pytest.approx(12 * 16 * 16) and stats["fc"].rows == 12
+
+
+def feature_cnn(rng, width=16):
+    """Conv→Relu ×3 (the middle one strided), output the last feature map: no pooling to average the
+    weight errors away, so the output measures them."""
+    f = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    inits = {"w1": f(width, 3, 3, 3), "b1": f(width), "w2": f(width, width, 3, 3), "b2": f(width),
+             "w3": f(width, width, 3, 3), "b3": f(width)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c3"], ["y"], name="relu3")]
+    return make_model(nodes, [fvi("x", ["N", 3, 16, 16])], [fvi("y", ["N", width, 8, 8])], inits)
+
+
+def smooth_images(rng, n):
+    """Blurred noise with correlated colour channels, so the entries of a patch correlate as in photos."""
+    x = rng.standard_normal((n, 3, 18, 18))
+    x = (x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]) / 3
+    x = (x[:, :, :, :-2] + x[:, :, :, 1:-1] + x[:, :, :, 2:]) / 3
+    return (x + 0.5 * x.mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_compile_bitsplit_beats_round_to_nearest(rng, bits):
+    """Output SQNR vs fp32 on 100 unseen images (measured over seeds 0–3: BitSplit +3 to +7 dB)."""
+    model = feature_cnn(rng)
+    calib, test = smooth_images(rng, 40), smooth_images(rng, 100)
+    ref = session(model).run(None, {"x": test})[0]
+    sqnr = {}
+    for solver in ("rtn", "bitsplit"):
+        q = onnxptq.compile(model, {"x": calib}, w_bits=bits, weight_solver=solver, holdout=0).model
+        err = ref - session(q).run(None, {"x": test})[0]
+        sqnr[solver] = 10 * np.log10((ref**2).sum() / (err**2).sum())
+    assert sqnr["bitsplit"] >= sqnr["rtn"] + 1, sqnr
+
+
+def test_report_rows_and_fits(rng):
+    """Every 2–4-bit layer is solved and reported; the classifier (one row per sample, fewer than two
+    per weight) is fitted in weight space, layers with a bias with their best bias shift."""
+    x = rng.standard_normal((12, 3, 16, 16)).astype(np.float32)
+    report = onnxptq.compile(cnn(rng), {"x": x}, w_bits=3, weight_solver="bitsplit").report
+    entry = next(p for p in report["passes"] if p["name"] == "bitsplit")
+    fits = {row["node"]: row["fit"] for row in entry["layers"]}
+    assert fits == {"conv1": "centered response", "conv2": "centered response", "fc": "weights"}
+    assert all(row["vs_rtn"] <= 1 and row["bits"] == 3 for row in entry["layers"])
+    assert "response error vs round-to-nearest" in entry["notes"][0]
+
+
+def test_bad_solver_and_bits(rng):
+    model = cnn(rng)
+    x = rng.standard_normal((12, 3, 16, 16)).astype(np.float32)
+    with pytest.raises(InputError, match="--weight-solver"):
+        onnxptq.compile(model, {"x": x}, weight_solver="adaround")
+    with pytest.raises(InputError, match="--w-bits 5"):
+        onnxptq.compile(model, {"x": x}, w_bits=5)
+
+
+def test_cli_weight_solver(cnn_files, tmp_path, capsys):
+    model, calib = cnn_files
+    out = tmp_path / "q.onnx"
+    assert main(["compile", str(model), "--calib", str(calib), "-o", str(out), "--w-bits", "2",
+                 "--weight-solver", "bitsplit", "-q"]) == 0 and out.exists()
+    assert main(["compile", str(model), "--calib", str(calib), "-o", str(tmp_path / "r.onnx"),
+                 "--weight-solver", "gptq"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--weight-solver" in err[0]
+
+
+def test_blocked_int4_matmul(rng):
+    """4-bit MatMul weights are int4 blocked along K (MatMulNBits); BitSplit fits one scale per
+    (block, column), K = 80 giving two full blocks and a partial one."""
+    w = (rng.standard_normal((80, 24)) / 9).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [fvi("x", ["N", 8, 80])], [fvi("y", ["N", 8, 24])], {"w": w})
+    mix = rng.standard_normal((80, 80)) / 9 + np.eye(80)
+    calib, test = ((rng.standard_normal((n, 8, 80)) @ mix).astype(np.float32) for n in (40, 50))
+    ref = test @ w
+    sqnr = {}
+    for solver in ("rtn", "bitsplit"):
+        result = onnxptq.compile(model, {"x": calib}, w_bits=4, weight_solver=solver, holdout=0)
+        err = ref - session(result.model).run(None, {"x": test})[0]
+        sqnr[solver] = 10 * np.log10((ref**2).sum() / (err**2).sum())
+    row = next(p for p in result.report["passes"] if p["name"] == "bitsplit")["layers"][0]
+    assert row["fit"] == "response" and row["k"] == 80 and row["vs_rtn"] < 1
+    assert result.report["verification"]["coverage"] == 1.0
+    assert sqnr["bitsplit"] >= sqnr["rtn"] + 1, sqnr
