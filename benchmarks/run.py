@@ -171,18 +171,19 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.examples.split(","):
-            rows += run_example(name, configs, Path(tmp), args.runs)
-            print(markdown(rows), file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"onnxruntime": ort.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "calibration_samples": CALIB_SAMPLES, "threads": 1}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
-    (out / "results.md").write_text(f"onnxruntime {meta['onnxruntime']}, {CALIB_SAMPLES} calibration samples, "
-                                    f"latency at 1 thread, one sample per run.\n\n" + markdown(rows))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.examples.split(","):
+            rows += run_example(name, configs, Path(tmp), args.runs)
+            # written after every example, so a long run's finished rows survive an interruption
+            (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
+            (out / "results.md").write_text(f"onnxruntime {meta['onnxruntime']}, {CALIB_SAMPLES} calibration samples, "
+                                            f"latency at 1 thread, one sample per run.\n\n" + markdown(rows))
+            print(markdown(rows), file=sys.stderr)
     print(markdown(rows))
 
 
