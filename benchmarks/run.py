@@ -38,8 +38,17 @@ def _compile_onnxptq(fp32: str, calib: dict, out: str, options: dict) -> None:
 
 
 def _compile_ort(fp32: str, calib: dict, out: str, method: str) -> None:
+    """onnxruntime's quantize_static (QDQ, per-channel, u8 activations, s8 weights) with ``method``
+    calibration; ``<method>+pre`` first runs its recommended ``quant_pre_process`` (shape inference and
+    onnxruntime's graph optimizations, which turn Constant-node weights into initializers)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    method, _, pre = method.partition("+")
+    if pre:
+        quant_pre_process(fp32, out + ".pre.onnx")
+        fp32 = out + ".pre.onnx"
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -74,6 +83,7 @@ CONFIGS = {
     "onnxptq W4A8 +bn+bias": (_compile_onnxptq, {"w_bits": 4, "pipeline": "light"}),
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
+    "ORT quantize_static MinMax preprocessed": (_compile_ort, "minmax+pre"),
 }
 
 

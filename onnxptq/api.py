@@ -22,12 +22,13 @@ from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.emission import EmissionPass
 from onnxptq.passes.fusion import FusionPass
 from onnxptq.passes.select import SelectPass
+from onnxptq.passes.tables import TablePass
 from onnxptq.passes.verification import VerificationPass
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.state import CompileOptions, CompileState, Progress, run_passes
 
-PIPELINE = (FusionPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, EmissionPass,
-            VerificationPass)
+PIPELINE = (FusionPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass,
+            EmissionPass, VerificationPass)
 
 
 @dataclass

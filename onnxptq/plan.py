@@ -9,7 +9,8 @@ Passes read and refine the plan; only the emission pass turns it into Q/DQ nodes
 * ``activations`` — every float tensor that gets a Q/DQ pair: its grid, calibrated range, and the
                     tensor it shares its grid with (ops such as MaxPool or Reshape must keep the grid of
                     their input so onnxruntime can run them on integer codes);
-* ``ops``         — every node planned to run on an integer kernel, for the fusion-coverage check.
+* ``ops``         — every node planned to run on an integer kernel, for the fusion-coverage check;
+* ``tables``      — constant lookup tables read by Gather (embeddings), stored as int8 codes.
 """
 
 from __future__ import annotations
@@ -97,12 +98,26 @@ class ActivationPlan:
 
 
 @dataclass
+class TablePlan:
+    """A constant float table T [V, D] read by a Gather along axis 0 (an embedding): stored as int8
+    codes with one symmetric scale per column d, gathered as codes and dequantized after the lookup,
+    T̂[v, d] = q[v, d]·s_d. No kernel computes on it, so it only shrinks the file and memory."""
+
+    node: str
+    name: str
+    table: np.ndarray
+    scale: np.ndarray
+    qmax: int = 127
+
+
+@dataclass
 class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     activations: dict[str, ActivationPlan] = field(default_factory=dict)
     ops: dict[str, str] = field(default_factory=dict)
     folded_bn: dict[str, FoldedBN] = field(default_factory=dict)
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    tables: dict[str, TablePlan] = field(default_factory=dict)
 
     def root(self, name: str) -> ActivationPlan:
         """The activation that owns the grid of ``name`` (following ``tied_to`` links)."""

@@ -9,7 +9,8 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
   layers with a float input (int4 MatMulNBits) keep the plan's bias in float;
 * every planned activation t gets t → QuantizeLinear(s, z) → DequantizeLinear → consumers, uint8;
   tied tensors repeat their root's (s, z) so onnxruntime can drop the pair; constant inputs are
-  stored as uint8 codes behind a DequantizeLinear.
+  stored as uint8 codes behind a DequantizeLinear;
+* lookup tables (``plan.tables``) become int8 codes that the Gather reads, dequantized after it.
 
 The emitted model computes, in float, exactly what the integer kernels compute in integers.
 """
@@ -91,21 +92,44 @@ class _Writer:
         out = dq.outputs[0]
         out.name = f"{value.name}_dequantized"
         out.type, out.shape = value.type, value.shape
-        for use in list(value.uses()):
-            if use.node is not q and use.node.name not in skip:
-                use.node.replace_input_with(use.idx, out)
-        if value.is_graph_output():
-            outputs = self.graph.outputs
-            i = next(k for k, v in enumerate(outputs) if v is value)
+        if self._reroute(value, out, skip | {q.name}):  # a graph output keeps its name
             name = value.name
             value.name = f"{name}_float"
-            outputs[i] = out
             out.name = name
         producer = value.producer()
         if producer is None:
             self.graph.insert_before(self._first(), [q, dq])
         else:
             self.graph.insert_after(producer, [q, dq])
+
+    def gathered_codes(self, node: ir.Node, name: str, codes: np.ndarray, scale: np.ndarray) -> None:
+        """Make Gather ``node`` look up ``codes`` (int8) instead of its float table and dequantize what
+        it gathers along the last axis with the per-column ``scale``. The dequantized value takes the
+        Gather output's name, so activation plans keyed on it apply to it."""
+        node.replace_input_with(0, add_initializer(self.graph, f"{name}_quantized", codes))
+        value = node.outputs[0]
+        s = add_initializer(self.graph, f"{name}_scale", scale)
+        z = add_initializer(self.graph, f"{name}_zero_point", np.zeros(len(scale), np.int8))
+        dq = ir.node("DequantizeLinear", [value, s, z], {"axis": -1}, name=f"{name}_DequantizeLinear")
+        out = dq.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        self._reroute(value, out, {dq.name})
+        out.name = value.name
+        value.name = f"{out.name}_gathered"
+        value.type = ir.TensorType(ir.DataType.INT8)
+        self.graph.insert_after(node, dq)
+
+    def _reroute(self, value: ir.Value, new: ir.Value, skip: set[str]) -> bool:
+        """Give ``value``'s consumers (but the nodes named in ``skip``) and its graph-output slot to
+        ``new``; returns whether ``value`` was a graph output."""
+        for use in list(value.uses()):
+            if use.node.name not in skip:
+                use.node.replace_input_with(use.idx, new)
+        if not value.is_graph_output():
+            return False
+        outputs = self.graph.outputs
+        outputs[next(k for k, v in enumerate(outputs) if v is value)] = new
+        return True
 
     def _first(self) -> ir.Node:
         return next(iter(self.graph))
@@ -147,6 +171,9 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     writer = _Writer(graph)
     for name, layer in plan.layers.items():
         _emit_layer(writer, nodes[name], layer, plan)
+    for name, table in plan.tables.items():
+        codes = quantize(table.table, table.scale[None, :], 0, -table.qmax, table.qmax).astype(np.int8)
+        writer.gathered_codes(nodes[name], table.name, codes, table.scale.astype(np.float32))
     values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
     float_input = {name for name, layer in plan.layers.items() if not layer.activation_input}
     for name, act in plan.activations.items():

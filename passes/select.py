@@ -34,6 +34,7 @@ takes a float activation input. With 3 or 2 bits every layer keeps int8 storage,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -114,6 +115,15 @@ def from_integers(graph: ir.Graph) -> set[str]:
     return derived
 
 
+def excluded(pattern: str | None) -> Callable[[ir.Node], bool]:
+    """The ``--exclude`` test: whether a node's name or op type matches ``pattern``."""
+    try:
+        exclude = re.compile(pattern) if pattern else None
+    except re.error as exc:
+        raise InputError(f"--exclude {pattern!r} is not a valid regular expression: {exc}") from exc
+    return lambda node: bool(exclude and (exclude.search(node.name or "") or exclude.search(node.op_type)))
+
+
 class SelectPass:
     name = "select"
 
@@ -122,10 +132,7 @@ class SelectPass:
         if opts.a_bits != 8:
             raise InputError("--a-bits supports 8 only for now (4-bit activations arrive with the "
                              "4-bit encodings); use --a-bits 8")
-        try:
-            exclude = re.compile(opts.exclude) if opts.exclude else None
-        except re.error as exc:
-            raise InputError(f"--exclude {opts.exclude!r} is not a valid regular expression: {exc}") from exc
+        skipped = excluded(opts.exclude)
         target = resolve_target(opts.target)
         plan = state.plan
         graph = state.model.graph
@@ -146,9 +153,6 @@ class SelectPass:
             if float_ok and (out.is_graph_output() or not any(u.name in quantized for u in users)):
                 return
             want(out)
-
-        def skipped(node: ir.Node) -> bool:
-            return bool(exclude and (exclude.search(node.name or "") or exclude.search(node.op_type)))
 
         # Which nodes run quantized is decided first, so a layer knows whether its consumers do.
         # Outputs of float compute layers are pinned to float: a Q right after such a layer (or after

@@ -18,12 +18,13 @@ from onnxptq.target import resolve_target
 
 # example: (agreement key, bound with int32 kernels (VNNI/ARM), bound with int16-pair-safe weights (AVX2))
 CASES = {
-    # measured 0.919 (VNNI host) / 0.896 (AVX2 host) on 260 images; quantize_static 0.877 / 0.615
-    "efficientnet_lite0": ("top1_agreement", 0.89, 0.87),
+    # measured 0.919 (VNNI host, before the light pipeline) / 0.958 (AVX2 host) on 260 images;
+    # quantize_static 0.877 / 0.615
+    "efficientnet_lite0": ("top1_agreement", 0.89, 0.93),
     # measured 0.994 (AVX2 host) on this machine's files; quantize_static 0.03
     "magika": ("top1_agreement", 0.97, 0.97),
-    # per-time-step argmax agreement, measured 0.949 (AVX2 host) on 240 lines; quantize_static 0.75
-    "ppocr_rec": ("top1_agreement", 0.92, 0.92),
+    # per-time-step argmax agreement, measured 0.967 (AVX2 host) on 240 lines; quantize_static 0.75
+    "ppocr_rec": ("top1_agreement", 0.95, 0.95),
     # mean embedding cosine, measured 0.986 (AVX2 host) on 875 e-mails; quantize_static 0.24
     "minilm": ("mean_cosine", 0.97, 0.97),
 }
