@@ -105,7 +105,9 @@ def check_budgets(report: dict[str, Any], min_coverage: float | None = None, min
     """Raise ``BudgetError`` naming every quality budget the compiled model missed."""
     ver = report["verification"]
     missed = []
-    if min_coverage is not None and ver["coverage"] < min_coverage:
+    if min_coverage is not None and ver["coverage"] is None:
+        missed.append(f"fusion coverage is not measured for target {report['model'].get('target')}")
+    elif min_coverage is not None and ver["coverage"] < min_coverage:
         missed.append(f"fusion coverage {ver['coverage']:.3f} < {min_coverage}")
     for name, m in ver["outputs"].items():
         if min_sqnr is not None and "sqnr_db" in m and m["sqnr_db"] < min_sqnr:

@@ -9,7 +9,9 @@ Passes read and refine the plan; only the emission pass turns it into Q/DQ nodes
 * ``activations`` — every float tensor that gets a Q/DQ pair: its grid, calibrated range, and the
                     tensor it shares its grid with (ops such as MaxPool or Reshape must keep the grid of
                     their input so onnxruntime can run them on integer codes);
-* ``ops``         — every node planned to run on an integer kernel, for the fusion-coverage check.
+* ``ops``         — every node planned to run on an integer kernel, for the fusion-coverage check;
+* ``goal``        — how emission encodes tensors below 8 bits (``speed``, ``size`` or ``generic``, the
+                    target's goal, see ``onnxptq/target.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class FoldedBN:
 @dataclass
 class WeightGrid:
     """Symmetric signed grid of a weight: per channel along ``axis`` (or per block of ``block_size``
-    along the reduction axis), codes in [−qmax, qmax] (or [−qmax−1, qmax] for int4 storage)."""
+    along the reduction axis), codes in [−qmax, qmax] (or [−qmax−1, qmax] for blocked int4 storage).
+    ``storage`` is the initializer type the codes are written in: int8, or int4 packed two per byte."""
 
     bits: int
     qmax: int
@@ -103,6 +106,7 @@ class QuantPlan:
     ops: dict[str, str] = field(default_factory=dict)
     folded_bn: dict[str, FoldedBN] = field(default_factory=dict)
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    goal: str = "speed"
 
     def root(self, name: str) -> ActivationPlan:
         """The activation that owns the grid of ``name`` (following ``tied_to`` links)."""
