@@ -6,9 +6,9 @@ channel scale s_w[m], zero point 0) and int32 bias codes b compute
     acc[m] = Σ_k (x_k − z_x)·q[m, k] + b[m]                       (exact, int32)
     y[m]   = clip(rint(acc[m] · (s_x·s_w[m] / s_y)) + z_y, 0, 255)   (float32 multiplier, ties to even)
 
-and QLinearLeakyRelu maps each uint8 code through a table; on a grid shared by its input and output
-(the capped 4-bit encoding of ``passes/emission.py``) that table is the shift c ↦ clip(c − z_in + z_out,
-0, 255) for α = 1, with negative values sent to z_out for α = 0. The simulation's float rounding can
+and QLinearAdd of a tensor and a constant 0 on one grid scale (the capped encoding of
+``passes/emission.py``) is the exact shift c ↦ clip(c − z_in + z_out, 0, 255).
+The simulation's float rounding can
 differ from the kernel's only where acc·multiplier lies within float32 error of a half-integer.
 """
 
@@ -48,10 +48,6 @@ def requantize(acc: np.ndarray, multiplier: np.ndarray, zero_point: int, axis: i
     return codes, np.abs(scaled - np.floor(scaled) - 0.5)
 
 
-def shift_codes(codes: np.ndarray, zero_in: int, zero_out: int, alpha: float) -> np.ndarray:
-    """QLinearLeakyRelu on one grid (same scale in and out): c ↦ clip(c − z_in + z_out, 0, 255), with
-    codes below z_in mapped to z_out when α = 0."""
-    centred = np.asarray(codes, np.int64) - int(zero_in)
-    if alpha == 0:
-        centred = np.maximum(centred, 0)
-    return np.clip(centred + int(zero_out), 0, 255)
+def shift_codes(codes: np.ndarray, zero_in: int, zero_out: int) -> np.ndarray:
+    """Requantization between two grids of one scale: c ↦ clip(c − z_in + z_out, 0, 255)."""
+    return np.clip(np.asarray(codes, np.int64) - int(zero_in) + int(zero_out), 0, 255)

@@ -18,18 +18,22 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
 codes [0, Q], Q = 2ᵇ − 1, i.e. values [−z·s, (Q − z)·s]. An integer kernel requantizes its output
 into [0, 255] only, so one Q/DQ pair clamps one end of the grid at most. The encoding is
 
-    t → Q(s, z + 255 − Q) → DQ → LeakyRelu(α) → Q(s, z) → DQ → consumers
+    t → Q(s, z + 255 − Q) → DQ → Add(·, 0) → Q(s, z) → DQ → consumers
 
 The first pair's codes saturate at 255, i.e. at (Q − z)·s, the grid's top (and fuse into the producing
 kernel's output: QLinearConv, QGemm, QLinearAdd, …); the second pair clamps at code 0, i.e. at −z·s,
-the grid's bottom, and onnxruntime runs DQ→LeakyRelu→Q as one QLinearLeakyRelu (a 256-entry table on
-uint8 codes). Both pairs have the same scale and every value between them is on the grid, so the
-second requantization is exact: codes c ∈ [0, Q] = clip(rint(t/s) + z, 0, Q). α = 0 when z = 0 (the
-op is then the Relu it stands for; an absorbed Relu/Clip is replaced by it, the first Q moving to its
-input), α = 1 otherwise (the identity, for signed grids). Two pairs in a row without the LeakyRelu
-would be merged by onnxruntime's DoubleQDQPairsRemover into one 8-bit pair (no cap), and a uint4
-Q/DQ makes its optimizer emit invalid graphs; tests/test_fourbit.py checks the fused graph and the
-codes. Goal ``generic`` writes the plain uint4 pair instead.
+the grid's bottom, and onnxruntime runs DQ→Add(0)→Q as one QLinearAdd with a constant zero operand.
+Both pairs have the same scale and every value between them is on the grid, so the second
+requantization is an exact shift: codes c ∈ [0, Q] = clip(rint(t/s) + z, 0, Q). A Relu/Clip absorbed
+into the layer before t is replaced by the Add (the first Q moving to its input): with z = 0 the
+second pair's clamp at 0 is the Relu. Measured on EfficientNet-Lite0 (AVX2, 1 thread) against the
+same model at W8A8: QLinearAdd(0) costs 1.02×, a QLinearLeakyRelu(α = 0/1) table 1.24×, a uint8
+Clip or Min between the pairs 1.0× at ORT_ENABLE_EXTENDED but, at ORT_ENABLE_ALL, a Transpose pair
+around each (onnxruntime's NHWC layout does not move through them; it does through QLinearAdd). Two
+pairs in a row without an op between them are merged by onnxruntime's DoubleQDQPairsRemover into one
+8-bit pair (no cap), and a uint4 Q/DQ makes its optimizer emit invalid graphs;
+``tests/test_fourbit.py`` checks the fused graph and the codes. Goal ``generic`` writes the plain
+uint4 pair instead.
 
 The emitted model computes, in float, exactly what the integer kernels compute in integers.
 """
@@ -80,6 +84,7 @@ class _Writer:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
+        self.zero: ir.Value | None = None
 
     def dq(self, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
            axis: int | None = None, block_size: int | None = None, unpack: bool = False) -> ir.Value:
@@ -123,19 +128,25 @@ class _Writer:
     def capped_qdq(self, value: ir.Value, scale: np.float32, zero_point: int, qmax: int, skip: set[str],
                    source: ir.Value | None = None) -> None:
         """Route ``value`` through the grid [0, ``qmax``] < 255 on uint8 codes (module docstring):
-        Q(s, z + 255 − qmax) → DQ → LeakyRelu → Q(s, z) → DQ. With ``source`` (the input of an absorbed
-        Relu/Clip producing ``value``) the first Q reads ``source`` and the LeakyRelu replaces that op."""
+        Q(s, z + 255 − qmax) → DQ → Add(·, 0) → Q(s, z) → DQ. With ``source`` (the input of an absorbed
+        Relu/Clip producing ``value``) the first Q reads ``source`` and the Add replaces that op."""
         src = source if source is not None else value
         q1, dq1 = self._pair(src, scale, np.array(zero_point + 255 - qmax, np.uint8), f"{value.name}_top")
-        lrelu = ir.node("LeakyRelu", [dq1.outputs[0]], {"alpha": 0.0 if zero_point == 0 else 1.0},
-                        name=f"{value.name}_LeakyRelu")
-        capped = lrelu.outputs[0]
+        shift = ir.node("Add", [dq1.outputs[0], self._zero()], name=f"{value.name}_cap")
+        capped = shift.outputs[0]
         capped.name, capped.type, capped.shape = f"{value.name}_capped", value.type, value.shape
         self._reroute(value, capped, skip | {q1.name} if source is None else set(), outputs=False)
-        self._insert_after_producer(src, [q1, dq1, lrelu])
+        self._insert_after_producer(src, [q1, dq1, shift])
         out = self.qdq(capped, scale, zero_point, skip, name=value.name)
         if value.is_graph_output():
             self._take_output(value, out)
+
+    def _zero(self) -> ir.Value:
+        """A float 0 stored as a uint8 code behind a DequantizeLinear (shared by every cap)."""
+        if self.zero is None:
+            code = np.array(0, np.uint8)
+            self.zero = self.dq("cap_zero", code, np.array(1.0, np.float32), code)
+        return self.zero
 
     def _pair(self, value: ir.Value, scale: np.float32, zero_point: np.ndarray, name: str) -> tuple[ir.Node, ir.Node]:
         s = add_initializer(self.graph, f"{name}_scale", np.array(scale, np.float32))

@@ -55,8 +55,8 @@ def fused_codes(model: onnx.ModelProto, names: list[str], feed: dict) -> dict[st
 
 @pytest.mark.parametrize("which", MODELS)
 def test_a4_runs_on_integer_kernels_only(rng, which, tmp_path):
-    """Every 4-bit tensor is capped by a QLinearLeakyRelu; onnxruntime keeps every layer integer and
-    does not merge the two pairs."""
+    """Every 4-bit tensor is capped by a QLinearAdd of 0 between its two pairs; onnxruntime keeps every
+    layer integer and does not merge the pairs."""
     _, q, result, _ = compile_a4(rng, which, tmp_path)
     ver = result.report["verification"]
     assert ver["coverage"] == 1.0, ver["float_leftovers"]
@@ -66,13 +66,15 @@ def test_a4_runs_on_integer_kernels_only(rng, which, tmp_path):
     assert kernels["add"] == "QLinearAdd" and kernels["gap"] == "QLinearGlobalAveragePool"
     float_ops = [op for op in ops if not op.startswith("QLinear") and op not in ("QGemm", "MaxPool", "Flatten")]
     assert float_ops == ["QuantizeLinear"], f"only the input Q runs in float (MaxPool/Flatten move codes): {ops}"
-    capped = [n for n in q.graph.node if n.op_type == "LeakyRelu"]
-    assert capped and all(kernels[n.name] == "QLinearLeakyRelu" for n in capped)
+    caps = [n for n in q.graph.node if n.name.endswith("_cap")]
+    assert len(caps) >= 4 and all(kernels[n.name] == "QLinearAdd" for n in caps)
     assert not any(n.op_type in ("Relu", "Clip") for n in q.graph.node), "absorbed activations are replaced"
-    alphas = {n.name: n.attribute[0].f for n in capped}
+    zero_points = inits(q)
     if which == "signed":
-        assert alphas["c1_LeakyRelu"] == 1.0, "a signed grid keeps its negative codes"
-    assert alphas["r1_LeakyRelu" if which == "relu-bounded" else "r2_LeakyRelu"] == 0.0
+        assert zero_points["c1_zero_point"] > 0, "a signed grid keeps its negative codes"
+        assert zero_points["c1_top_zero_point"] == zero_points["c1_zero_point"] + 240
+    relu = "r1" if which == "relu-bounded" else "r2"
+    assert zero_points[f"{relu}_zero_point"] == 0 and zero_points[f"{relu}_top_zero_point"] == 240
 
 
 @pytest.mark.parametrize("which", MODELS)
@@ -102,8 +104,7 @@ def test_a4_codes_match_integer_simulation(rng, which, tmp_path):
         got_top = codes[f"{dst}_top_quantized"].astype(np.int64)
         off = got_top != top
         assert np.abs(got_top - top).max() <= 1 and (tie[off] < 1e-3).all(), f"{node.name}: {off.sum()} codes off"
-        alpha = 0.0 if int(qi[f"{dst}_zero_point"]) == 0 else 1.0
-        final = shift_codes(got_top, int(qi[f"{dst}_top_zero_point"]), int(qi[f"{dst}_zero_point"]), alpha)
+        final = shift_codes(got_top, int(qi[f"{dst}_top_zero_point"]), int(qi[f"{dst}_zero_point"]))
         np.testing.assert_array_equal(codes[f"{dst}_quantized"], final)
         assert codes[f"{dst}_quantized"].max() <= 15
         checked += 1
@@ -139,7 +140,7 @@ def test_size_target_stores_int4_and_keeps_integer_kernels(rng, tmp_path):
 
 @pytest.mark.parametrize("which", MODELS)
 def test_capped_encoding_equals_plain_uint4_qdq(which, tmp_path):
-    """The speed encoding (uint8 codes capped by two pairs and a LeakyRelu) and generic-qdq's plain
+    """The speed encoding (uint8 codes capped by two pairs around an Add of 0) and generic-qdq's plain
     int4/uint4 QDQ are one function: the ONNX reference evaluator gives the same outputs for both."""
     from onnx.reference import ReferenceEvaluator
 
@@ -149,7 +150,7 @@ def test_capped_encoding_equals_plain_uint4_qdq(which, tmp_path):
     types = {i.name: i.data_type for i in plain.graph.initializer}
     assert types["w2_quantized"] == onnx.TensorProto.INT4 and types["c1_zero_point" if which == "signed"
                                                                      else "r1_zero_point"] == onnx.TensorProto.UINT4
-    assert not any(n.op_type == "LeakyRelu" for n in plain.graph.node)
+    assert not any(n.name.endswith("_cap") for n in plain.graph.node)
     assert result.report["verification"]["coverage"] is None
     feed = {"x": x[:3]}
     # the reference evaluator implements DequantizeLinear from opset 19 on
