@@ -7,6 +7,10 @@
   the float leftovers are named. For the ``generic-qdq`` target (uint4 tensors, which onnxruntime's
   QDQ optimizers reject) the model is loaded and run at ORT_ENABLE_BASIC instead and coverage is
   not applicable (reported as None);
+* integer simulation (``onnxptq/simulate.py``): on one held-back sample, up to ``SIMULATED`` Conv
+  layers spread over the model are recomputed in numpy from the codes onnxruntime's fused graph feeds
+  them, and their output codes compared with the fused kernels': differences other than one code at a
+  rounding tie are counted as ``unexplained`` (int16 saturation, a merged Q/DQ pair, …);
 * output agreement with the user's fp32 model on held-back calibration samples: SQNR, cosine,
   max |error| and, for class scores, top-1 agreement.
 """
@@ -20,8 +24,11 @@ import onnx
 
 from onnxptq import runtime
 from onnxptq.metrics import compare_outputs
+from onnxptq.simulate import check_convs
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
+
+SIMULATED = 8
 
 INTEGER_KERNELS = {
     "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
@@ -83,6 +90,12 @@ class VerificationPass:
             "samples": len(data), "held_back": state.holdout is not None,
             "outputs": compare_outputs(names, ref, test),
         }
+        convs = [n for n, layer in state.plan.layers.items() if layer.op_type == "Conv"]
+        if fused and convs:
+            spread = [convs[i] for i in sorted({round(k * (len(convs) - 1) / max(SIMULATED - 1, 1))
+                                                for k in range(min(SIMULATED, len(convs)))})]
+            one = {k: v[:1] for k, v in feeds[0].items()}
+            state.report.verification["integer_simulation"] = check_convs(out, spread, one)
         for name, layer in state.plan.layers.items():
             state.report.layers.append({"node": name, "op": layer.op_type, "w_bits": layer.grid.bits,
                                         "a_bits": state.plan.root(layer.input_name).bits
