@@ -23,6 +23,7 @@ import tempfile
 import onnx
 
 from onnxptq import runtime
+from onnxptq.costs import layer_encoding, layer_storage_bytes
 from onnxptq.metrics import compare_outputs
 from onnxptq.simulate import check_convs
 from onnxptq.state import CompileState
@@ -100,7 +101,9 @@ class VerificationPass:
             state.report.layers.append({"node": name, "op": layer.op_type, "w_bits": layer.grid.bits,
                                         "a_bits": state.plan.root(layer.input_name).bits
                                         if layer.activation_input else 32,
-                                        "storage": layer.grid.storage, "kernel": cov["kernels"].get(name)})
+                                        "encoding": layer_encoding(layer, state.plan.goal),
+                                        "bytes": layer_storage_bytes(layer, state.plan.goal),
+                                        "kernel": cov["kernels"].get(name)})
         if state.holdout is None:
             state.report.warnings.append("agreement was measured on calibration samples (too few to hold "
                                          "any back); give more samples for an unbiased check")
