@@ -150,3 +150,21 @@ def test_capped_encoding_equals_plain_uint4_qdq(which, tmp_path):
     ref_plain = ReferenceEvaluator(plain).run(None, feed)[0]
     np.testing.assert_allclose(ref_speed, ref_plain, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(session(plain, level="basic").run(None, feed)[0], ref_plain, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_a4_and_targets(cnn_files, tmp_path, capsys):
+    from onnxptq.cli import main
+
+    model, calib = cnn_files
+    out = tmp_path / "q.onnx"
+    assert main(["compile", str(model), "--calib", str(calib), "-o", str(out), "--w-bits", "4", "--a-bits", "4",
+                 "--target", "ort-cpu-size", "--no-first-last-8bit", "-q"]) == 0
+    q = onnx.load(out)
+    assert {i.name: i.data_type for i in q.graph.initializer}["w2_quantized"] == onnx.TensorProto.INT4
+    assert any(n.name.endswith("_cap") for n in q.graph.node)
+    assert main(["compile", str(model), "--calib", str(calib), "-o", str(tmp_path / "r.onnx"), "--a-bits", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--a-bits" in err[0] and not (tmp_path / "r.onnx").exists()
+    assert main(["compile", str(model), "--calib", str(calib), "-o", str(tmp_path / "g.onnx"), "--w-bits", "4",
+                 "--a-bits", "4", "--target", "generic-qdq", "--min-coverage", "1", "-q"]) == 1
+    assert "not measured for target generic-qdq" in capsys.readouterr().err
