@@ -39,6 +39,7 @@ from onnxptq.kernels.quant import block_rows, channel_rows, row_scales
 from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
 from onnxptq.passes.emission import emit_model
+from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, WeightGrid
 from onnxptq.state import CompileState
 
@@ -86,8 +87,9 @@ def encodings_for(op_type: str) -> tuple[str, ...]:
     return tuple(e for e in ENCODINGS if e != "int4-blocks" or op_type in _BLOCKED_OPS)
 
 
-def _grid(layer: LayerPlan, encoding: str, k_axis: int) -> WeightGrid:
-    """A min-max weight grid of ``layer`` in ``encoding`` (the values do not change the timing)."""
+def _grid(state: CompileState, layer: LayerPlan, encoding: str, k_axis: int) -> WeightGrid:
+    """A min-max weight grid of ``layer`` in ``encoding`` (the values do not change the timing), with
+    the weights pass's floor that keeps the int32 bias representable."""
     axis = channel_axis(layer)
     if encoding == "int4-blocks":
         w_kn = layer.weight if k_axis == 0 else layer.weight.T
@@ -95,8 +97,8 @@ def _grid(layer: LayerPlan, encoding: str, k_axis: int) -> WeightGrid:
         return WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, scale=scale, block_size=32, storage="int4")
     bits, storage = (8, "int8") if encoding in ("int8", "int8-a4") else (4, "int4")
     qmax = 2 ** (bits - 1) - 1
-    return WeightGrid(bits=bits, qmax=qmax, axis=axis, storage=storage,
-                      scale=row_scales(channel_rows(layer.weight, axis), qmax, "minmax"))
+    scale = WeightGridPass._bias_safe(state, layer, row_scales(channel_rows(layer.weight, axis), qmax, "minmax"))
+    return WeightGrid(bits=bits, qmax=qmax, axis=axis, storage=storage, scale=scale)
 
 
 def _single_layer(state: CompileState, layer: LayerPlan) -> tuple[ir.Model, dict[str, np.ndarray], np.ndarray]:
@@ -127,7 +129,7 @@ def layer_latency(state: CompileState, node: str, encodings: Sequence[str] | Non
         if encoding == "fp32":
             sessions[encoding] = runtime.session(ir.serde.serialize_model(single), threads=1)
             continue
-        grid = _grid(layer, encoding, k_axis)
+        grid = _grid(state, layer, encoding, k_axis)
         plan = QuantPlan(layers={node: dataclasses.replace(layer, grid=grid, activation_input=not grid.block_size)},
                          ops={node: layer.op_type}, goal="generic" if encoding == "int4-qdq" else "speed")
         if not grid.block_size:
