@@ -25,8 +25,8 @@ def main() -> None:
     ex = importlib.import_module(f"examples.{args.example}.example")
     state = onnxptq.planned_state(ex.fp32_model(), ex.calibration_set(16), w_bits=4, pipeline="calibration")
     names = list(state.plan.layers)
-    pick = sorted({round(k * (len(names) - 1) / max(args.layers - 1, 1)) for k in range(min(args.layers, len(names)))})
-    rows = cost_table(state, [names[i] for i in pick], runs=args.runs)
+    n = min(args.layers, len(names))
+    rows = cost_table(state, [names[round(k * (len(names) - 1) / max(n - 1, 1))] for k in range(n)], runs=args.runs)
     print("| layer | op | params | encoding | bytes | bytes / int8 | latency ms | latency / int8 |\n"
           "|---|---|---|---|---|---|---|---|")
     for row in rows:

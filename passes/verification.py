@@ -93,8 +93,8 @@ class VerificationPass:
         }
         convs = [n for n, layer in state.plan.layers.items() if layer.op_type == "Conv"]
         if fused and convs:
-            spread = [convs[i] for i in sorted({round(k * (len(convs) - 1) / max(SIMULATED - 1, 1))
-                                                for k in range(min(SIMULATED, len(convs)))})]
+            n = min(SIMULATED, len(convs))
+            spread = [convs[round(k * (len(convs) - 1) / max(n - 1, 1))] for k in range(n)]
             one = {k: v[:1] for k, v in feeds[0].items()}
             state.report.verification["integer_simulation"] = check_convs(out, spread, one)
         for name, layer in state.plan.layers.items():
