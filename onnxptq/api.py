@@ -101,12 +101,28 @@ def compile(model: str | os.PathLike | onnx.ModelProto, calib: Any, output: str 
     return result
 
 
+def planned_state(model: str | os.PathLike | onnx.ModelProto, calib: Any, *,
+                  image_options: ImageOptions | None = None, progress: Progress | None = None,
+                  **options: Any) -> CompileState:
+    """The compile state after the planning passes (fusion through the weight solver): the fused fp32
+    graph and a plan with calibrated grids, before corrections and emission; all samples calibrate."""
+    opts = _options(options)
+    source, _ = _as_model(model)
+    state = CompileState(source=source, model=to_ir(source), options=opts,
+                         calib=load_calibration(calib, source, image_options), holdout=None,
+                         progress=progress or Progress())
+    run_passes(state, [p() for p in PIPELINE[:PIPELINE.index(EmissionPass)]])
+    return state
+
+
 def check_budgets(report: dict[str, Any], min_coverage: float | None = None, min_sqnr: float | None = None,
                   min_top1: float | None = None) -> None:
     """Raise ``BudgetError`` naming every quality budget the compiled model missed."""
     ver = report["verification"]
     missed = []
-    if min_coverage is not None and ver["coverage"] < min_coverage:
+    if min_coverage is not None and ver["coverage"] is None:
+        missed.append(f"fusion coverage is not measured for target {report['model'].get('target')}")
+    elif min_coverage is not None and ver["coverage"] < min_coverage:
         missed.append(f"fusion coverage {ver['coverage']:.3f} < {min_coverage}")
     for name, m in ver["outputs"].items():
         if min_sqnr is not None and "sqnr_db" in m and m["sqnr_db"] < min_sqnr:

@@ -76,9 +76,12 @@ def cli() -> None:
               "a folder of .npy files, or a folder of images.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the QDQ model.")
 @click.option("--w-bits", type=click.Choice(["8", "4", "3", "2"]), default="8", show_default=True,
-              help="Weight bits: 8, or 4 (Conv on int8 kernels with 4-bit codes, MatMul/Gemm as int4 MatMulNBits), "
-              "or 3/2 (3- or 2-bit codes on int8 kernels).")
-@click.option("--a-bits", type=click.Choice(["8"]), default="8", show_default=True, help="Activation bits.")
+              help="Weight bits: 8, or 4/3/2 (codes on int8 kernels for --target ort-cpu; packed int4 storage for "
+              "ort-cpu-size and generic-qdq).")
+@click.option("--a-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="Activation bits: 8, or 4 (15-code grids; on int8 kernels, uint8 codes capped by a QLinearAdd of 0).")
+@click.option("--first-last-8bit/--no-first-last-8bit", default=True, show_default=True,
+              help="Below 8 bits, keep the first and last weighted layers (and their inputs) at 8 bits.")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse", "entropy"]), default="mse",
               show_default=True, help="How activation ranges are chosen from the calibration statistics.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
@@ -94,10 +97,12 @@ def cli() -> None:
               "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error). Core pass names may "
               "be listed: 'calibration' alone runs no corrections.")
 @click.option("--exclude", default=None, help="Regex: nodes whose name or op type matches stay float.")
-@click.option("--target", type=click.Choice(["ort-cpu", "ort-cpu-avx2", "ort-cpu-vnni"]), default="ort-cpu",
-              show_default=True, help="ort-cpu detects this CPU; ort-cpu-avx2 gives weights that are exact on "
-              "every x86 CPU (8-bit codes, scales raised so no int16 pair saturates); ort-cpu-vnni unconstrained "
-              "8-bit for VNNI/AMX x86 and ARM.")
+@click.option("--target", type=click.Choice(["ort-cpu", "ort-cpu-size", "ort-cpu-avx2", "ort-cpu-vnni", "generic-qdq"]),
+              default="ort-cpu", show_default=True, help="ort-cpu detects this CPU (speed first: sub-8-bit codes on "
+              "int8 kernels); ort-cpu-avx2 gives weights that are exact on every x86 CPU (8-bit codes, scales raised "
+              "so no int16 pair saturates); ort-cpu-vnni unconstrained 8-bit for VNNI/AMX x86 and ARM; ort-cpu-size "
+              "stores sub-8-bit weights packed as int4 (MatMulNBits for MatMul/Gemm); generic-qdq writes plain "
+              "opset-21 QDQ with int4/uint4 tensors for other runtimes (no fusion check).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held back for verification "
               "(default: a fifth, at most 64).")
@@ -109,7 +114,7 @@ def cli() -> None:
 @click.option("--min-top1", type=float, default=None, help="Exit 1 if any class output's top-1 agreement is below this.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @with_image_flags
-def compile_cmd(model, calib, output, w_bits, a_bits, calib_method, percentile, weight_method, weight_solver,
+def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
                 exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
                 pipeline, image_size, resize, mean, std, layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
@@ -128,7 +133,7 @@ def compile_cmd(model, calib, output, w_bits, a_bits, calib_method, percentile, 
         progress=None if quiet else Progress(console),
         w_bits=int(w_bits), a_bits=int(a_bits), calib_method=calib_method, percentile=percentile,
         weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
-        holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline)
+        holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)

@@ -11,6 +11,8 @@ Passes read and refine the plan; only the emission pass turns it into Q/DQ nodes
                     their input so onnxruntime can run them on integer codes);
 * ``ops``         — every node planned to run on an integer kernel, for the fusion-coverage check;
 * ``tables``      — constant lookup tables read by Gather (embeddings), stored as int8 codes.
+* ``goal``        — how emission encodes tensors below 8 bits (``speed``, ``size`` or ``generic``, the
+                    target's goal, see ``onnxptq/target.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class FoldedBN:
 @dataclass
 class WeightGrid:
     """Symmetric signed grid of a weight: per channel along ``axis`` (or per block of ``block_size``
-    along the reduction axis), codes in [−qmax, qmax] (or [−qmax−1, qmax] for int4 storage)."""
+    along the reduction axis), codes in [−qmax, qmax] (or [−qmax−1, qmax] for blocked int4 storage).
+    ``storage`` is the initializer type the codes are written in: int8, or int4 packed two per byte."""
 
     bits: int
     qmax: int
@@ -118,6 +121,7 @@ class QuantPlan:
     folded_bn: dict[str, FoldedBN] = field(default_factory=dict)
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     tables: dict[str, TablePlan] = field(default_factory=dict)
+    goal: str = "speed"
 
     def root(self, name: str) -> ActivationPlan:
         """The activation that owns the grid of ``name`` (following ``tied_to`` links)."""

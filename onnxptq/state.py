@@ -34,6 +34,7 @@ class CompileOptions:
     threads: int = 0
     block_size: int = 32
     pipeline: str = "light"  # a name or a spec of correction passes (onnxptq/pipelines.py)
+    first_last_8bit: bool = True  # below 8 bits, keep the first and last layers (and their inputs) at 8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

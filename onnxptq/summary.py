@@ -40,8 +40,13 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
     console.print(outputs_table(f"Agreement with fp32 on {ver['samples']} "
                                 f"{'held-back' if ver['held_back'] else 'calibration'} samples", ver["outputs"]))
     passes = ", ".join(f"{p['name']} {p.get('seconds', 0):.1f}s" for p in report["passes"])
-    console.print(f"fusion coverage [bold]{ver['coverage']:.1%}[/bold] "
-                  f"({ver['integer_ops']}/{ver['planned_ops']} quantized ops on integer kernels)")
+    if ver["coverage"] is None:
+        console.print(f"fusion coverage not applicable for target {model.get('target')} (plain QDQ)")
+    else:
+        console.print(f"fusion coverage [bold]{ver['coverage']:.1%}[/bold] "
+                      f"({ver['integer_ops']}/{ver['planned_ops']} quantized ops on integer kernels)")
+    if model.get("first_last_8bit"):
+        console.print(f"first/last layers kept at 8 bits: {', '.join(model['first_last_8bit'])}")
     for left in ver["float_leftovers"]:
         console.print(f"  float: {left['node']} ({left['op']} runs as {left['runs_as']})")
     console.print(f"size {model['bytes'] / 1e6:.2f} MB → {model['quantized_bytes'] / 1e6:.2f} MB "

@@ -6,12 +6,28 @@ overflows and unconstrained 8-bit weights give wrong results. There, weights kee
 *pair-safe*: each channel's scale is raised until every adjacent pair of codes in the kernel's
 reduction order has same-sign parts summing within ±128 (255·128 = 32640 ≤ 32767), see
 ``kernels/saturation.py``. CPUs with VNNI (or AMX), and ARM, accumulate in int32 and need no constraint.
+
+Each profile also says how layers below 8 bits are *encoded* (``goal``):
+
+* ``speed`` (``ort-cpu``, ``ort-cpu-avx2``, ``ort-cpu-vnni``): 4-bit semantics on int8 kernels. Weights
+  are int8 initializers holding codes in [−7, 7] (3-bit [−3, 3], 2-bit [−1, 1]) on QLinearConv / QGemm /
+  QLinearMatMul; 4-bit activations are uint8 codes capped at 15 (``passes/emission.py``). The file stores a
+  byte per weight; latency is that of the 8-bit build.
+* ``size`` (``ort-cpu-size``): sub-8-bit weights stored packed, two int4 codes per byte. MatMul/Gemm
+  become int4 blocks along K (MatMulNBits, float activations); Conv stores int4 codes behind a Cast to
+  int8 that onnxruntime constant-folds at load, so it still runs on QLinearConv (DequantizeLinear of
+  int4 straight into a Conv has no integer kernel and runs 1.3–1.9× slower than fp32).
+* ``generic`` (``generic-qdq``): plain opset-21 QDQ for other runtimes (TensorRT, QNN, …): every
+  sub-8-bit tensor uses the narrow ONNX type itself — int4 weights per channel (blocked for
+  MatMul/Gemm), uint4 activations — with no onnxruntime-specific trick; 8-bit weights are full
+  range (int32 accumulation assumed). onnxruntime's CPU optimizer cannot fuse (and mis-rewrites)
+  uint4 activations, so such models are verified unoptimized and fusion coverage is not applicable.
 """
 
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from onnxptq.errors import InputError
@@ -20,12 +36,19 @@ from onnxptq.errors import InputError
 @dataclass(frozen=True)
 class Target:
     """``weight_qmax8``: code range of 8-bit weights; ``int16_pairs``: u8×s8 products are summed in
-    saturating int16 pairs, so 8-bit weight grids must be pair-safe."""
+    saturating int16 pairs, so 8-bit weight grids must be pair-safe; ``goal``: how sub-8-bit layers are
+    encoded (``speed``, ``size`` or ``generic``, see above)."""
 
     name: str
     weight_qmax8: int
     int16_pairs: bool
     description: str
+    goal: str = "speed"
+
+    @property
+    def fused(self) -> bool:
+        """Whether the model is meant for onnxruntime's CPU integer kernels (fusion coverage applies)."""
+        return self.goal != "generic"
 
 
 TARGETS = {
@@ -34,8 +57,11 @@ TARGETS = {
                            "on every x86 CPU"),
     "ort-cpu-vnni": Target("ort-cpu-vnni", 127, False,
                            "onnxruntime CPU with int32 dot products (x86 VNNI/AMX, ARM): full 8-bit weights"),
+    "generic-qdq": Target("generic-qdq", 127, False,
+                          "plain opset-21 QDQ with int4/uint4 tensors below 8 bits, for runtimes other than "
+                          "onnxruntime's CPU provider", goal="generic"),
 }
-TARGET_NAMES = ("ort-cpu", *TARGETS)
+TARGET_NAMES = ("ort-cpu", "ort-cpu-size", *TARGETS)
 
 
 def host_has_int32_dot(cpuinfo: str | None = None, machine: str | None = None) -> bool:
@@ -55,9 +81,13 @@ def host_has_int32_dot(cpuinfo: str | None = None, machine: str | None = None) -
 
 
 def resolve_target(name: str) -> Target:
-    """The concrete target for ``name``; ``ort-cpu`` picks by the host CPU."""
-    if name == "ort-cpu":
-        return TARGETS["ort-cpu-vnni" if host_has_int32_dot() else "ort-cpu-avx2"]
+    """The concrete target for ``name``; ``ort-cpu`` and ``ort-cpu-size`` pick by the host CPU."""
+    if name in ("ort-cpu", "ort-cpu-size"):
+        host = TARGETS["ort-cpu-vnni" if host_has_int32_dot() else "ort-cpu-avx2"]
+        if name == "ort-cpu":
+            return host
+        return replace(host, name=f"{host.name}-size", goal="size",
+                       description=host.description + "; sub-8-bit weights stored packed as int4")
     if name not in TARGETS:
         raise InputError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
     return TARGETS[name]

@@ -4,13 +4,37 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
 
 * weights become integer initializers behind a DequantizeLinear: int8 per output channel
   (``axis`` = the channel axis, zero point 0), or int4 blocked along K for MatMul/Gemm (opset 21
-  ``block_size``), which onnxruntime turns into MatMulNBits;
+  ``block_size``), which onnxruntime turns into MatMulNBits; per-channel int4 storage (goal ``size``)
+  is int4 → Cast(int8) → DequantizeLinear: onnxruntime folds the Cast of a constant at load, so the
+  file holds packed int4 and the layer still fuses into QLinearConv/QGemm (goal ``generic`` writes
+  the plain DequantizeLinear of int4);
 * biases become int32 at scale s_x·s_w[c] (what QLinearConv/QGemm accumulate in), zero point 0;
   layers with a float input (int4 MatMulNBits) keep the plan's bias in float;
 * every planned activation t gets t → QuantizeLinear(s, z) → DequantizeLinear → consumers, uint8;
   tied tensors repeat their root's (s, z) so onnxruntime can drop the pair; constant inputs are
   stored as uint8 codes behind a DequantizeLinear;
 * lookup tables (``plan.tables``) become int8 codes that the Gather reads, dequantized after it.
+
+**Activations below 8 bits on int8 kernels** (goals ``speed`` and ``size``). A b-bit grid (s, z) has
+codes [0, Q], Q = 2ᵇ − 1, i.e. values [−z·s, (Q − z)·s]. An integer kernel requantizes its output
+into [0, 255] only, so one Q/DQ pair clamps one end of the grid at most. The encoding is
+
+    t → Q(s, z + 255 − Q) → DQ → Add(·, 0) → Q(s, z) → DQ → consumers
+
+The first pair's codes saturate at 255, i.e. at (Q − z)·s, the grid's top (and fuse into the producing
+kernel's output: QLinearConv, QGemm, QLinearAdd, …); the second pair clamps at code 0, i.e. at −z·s,
+the grid's bottom, and onnxruntime runs DQ→Add(0)→Q as one QLinearAdd with a constant zero operand.
+Both pairs have the same scale and every value between them is on the grid, so the second
+requantization is an exact shift: codes c ∈ [0, Q] = clip(rint(t/s) + z, 0, Q). A Relu/Clip absorbed
+into the layer before t is replaced by the Add (the first Q moving to its input): with z = 0 the
+second pair's clamp at 0 is the Relu. Measured on EfficientNet-Lite0 (AVX2, 1 thread) against the
+same model at W8A8: QLinearAdd(0) costs 1.02×, a QLinearLeakyRelu(α = 0/1) table 1.24×, a uint8
+Clip or Min between the pairs 1.0× at ORT_ENABLE_EXTENDED but, at ORT_ENABLE_ALL, a Transpose pair
+around each (onnxruntime's NHWC layout does not move through them; it does through QLinearAdd). Two
+pairs in a row without an op between them are merged by onnxruntime's DoubleQDQPairsRemover into one
+8-bit pair (no cap), and a uint4 Q/DQ makes its optimizer emit invalid graphs;
+``tests/test_fourbit.py`` checks the fused graph and the codes. Goal ``generic`` writes the plain
+uint4 pair instead.
 
 The emitted model computes, in float, exactly what the integer kernels compute in integers.
 """
@@ -29,7 +53,7 @@ from onnx import version_converter
 from onnxptq.errors import InputError
 from onnxptq.graph import add_initializer, set_const
 from onnxptq.kernels.quant import broadcast_channel, quantize
-from onnxptq.plan import LayerPlan, QuantPlan
+from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan
 from onnxptq.state import CompileState
 
 INT32 = np.iinfo(np.int32)
@@ -61,12 +85,21 @@ class _Writer:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
+        self.zeros: dict[int, ir.Value] = {}
 
     def dq(self, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
-           axis: int | None = None, block_size: int | None = None) -> ir.Value:
-        """Initializer ``codes`` behind a DequantizeLinear; returns the float output value."""
-        inputs = [add_initializer(self.graph, f"{name}_quantized", codes),
-                  add_initializer(self.graph, f"{name}_scale", scale)]
+           axis: int | None = None, block_size: int | None = None, unpack: bool = False) -> ir.Value:
+        """Initializer ``codes`` behind a DequantizeLinear; returns the float output value. With
+        ``unpack`` the codes pass through a Cast to ``zero_point``'s type first (folded at load)."""
+        stored = add_initializer(self.graph, f"{name}_quantized", codes)
+        if unpack:
+            cast = ir.node("Cast", [stored], {"to": ir.DataType.from_numpy(zero_point.dtype)}, name=f"{name}_Cast")
+            cast.outputs[0].name = f"{name}_unpacked"
+            cast.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(zero_point.dtype))
+            cast.outputs[0].shape = ir.Shape(codes.shape)
+            self.graph.insert_before(self._first(), cast)
+            stored = cast.outputs[0]
+        inputs = [stored, add_initializer(self.graph, f"{name}_scale", scale)]
         if zero_point is not None:
             inputs.append(add_initializer(self.graph, f"{name}_zero_point", zero_point))
         attrs = {}
@@ -78,29 +111,84 @@ class _Writer:
         node.outputs[0].name = f"{name}_dequantized"
         node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         node.outputs[0].shape = ir.Shape(codes.shape)
-        self.graph.insert_before(self._first(), node)
+        if unpack:
+            self.graph.insert_after(cast, node)
+        else:
+            self.graph.insert_before(self._first(), node)
         return node.outputs[0]
 
-    def qdq(self, value: ir.Value, scale: np.float32, zero_point: int, skip: set[str]) -> None:
-        """Route ``value`` through Q→DQ for all its consumers but those named in ``skip``."""
-        s = add_initializer(self.graph, f"{value.name}_scale", np.array(scale, np.float32))
-        z = add_initializer(self.graph, f"{value.name}_zero_point", np.array(zero_point, np.uint8))
-        q = ir.node("QuantizeLinear", [value, s, z], name=f"{value.name}_QuantizeLinear")
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{value.name}_DequantizeLinear")
-        q.outputs[0].name = f"{value.name}_quantized"
-        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
+    def qdq(self, value: ir.Value, scale: np.float32, zero_point: int, skip: set[str],
+            dtype: type = np.uint8, name: str | None = None) -> ir.Value:
+        """Route ``value`` through Q→DQ for all its consumers but those named in ``skip``; codes of
+        ``dtype`` (uint8, or ml_dtypes.uint4 for a plain 4-bit pair); returns the DQ output."""
+        q, dq = self._pair(value, scale, np.array(zero_point, dtype), name or value.name)
+        self._reroute(value, dq.outputs[0], skip | {q.name})
+        self._insert_after_producer(value, [q, dq])
+        return dq.outputs[0]
+
+    def capped_qdq(self, value: ir.Value, scale: np.float32, zero_point: int, qmax: int, skip: set[str],
+                   source: ir.Value | None = None) -> None:
+        """Route ``value`` through the grid [0, ``qmax``] < 255 on uint8 codes (module docstring):
+        Q(s, z + 255 − qmax) → DQ → Add(·, 0) → Q(s, z) → DQ. With ``source`` (the input of an absorbed
+        Relu/Clip producing ``value``) the first Q reads ``source`` and the Add replaces that op."""
+        src = source if source is not None else value
+        q1, dq1 = self._pair(src, scale, np.array(zero_point + 255 - qmax, np.uint8), f"{value.name}_top")
+        rank = len(value.shape) if value.shape is not None else 0
+        shift = ir.node("Add", [dq1.outputs[0], self._zero(rank)], name=f"{value.name}_cap")
+        capped = shift.outputs[0]
+        capped.name, capped.type, capped.shape = f"{value.name}_capped", value.type, value.shape
+        self._reroute(value, capped, skip | {q1.name} if source is None else set(), outputs=False)
+        self._insert_after_producer(src, [q1, dq1, shift])
+        out = self.qdq(capped, scale, zero_point, skip, name=value.name)
+        if value.is_graph_output():
+            self._take_output(value, out)
+
+    def _zero(self, rank: int) -> ir.Value:
+        """A float 0 stored as a uint8 code behind a DequantizeLinear, shaped [1]·rank (shared by the caps
+        of that rank). A rank-0 operand sends onnxruntime's QLinearAdd down a per-element broadcast
+        loop when the other operand's innermost dimension is 1 (magika's [1, 512, 508, 1] conv output:
+        17 ms instead of 0.04 ms)."""
+        if rank not in self.zeros:
+            code = np.zeros([1] * rank, np.uint8)
+            self.zeros[rank] = self.dq(f"cap_zero{rank}", code, np.array(1.0, np.float32), np.array(0, np.uint8))
+        return self.zeros[rank]
+
+    def _pair(self, value: ir.Value, scale: np.float32, zero_point: np.ndarray, name: str) -> tuple[ir.Node, ir.Node]:
+        s = add_initializer(self.graph, f"{name}_scale", np.array(scale, np.float32))
+        z = add_initializer(self.graph, f"{name}_zero_point", zero_point)
+        q = ir.node("QuantizeLinear", [value, s, z], name=f"{name}_QuantizeLinear")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{name}_DequantizeLinear")
+        q.outputs[0].name = f"{name}_quantized"
+        q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(zero_point.dtype))
         out = dq.outputs[0]
-        out.name = f"{value.name}_dequantized"
+        out.name = f"{name}_dequantized"
         out.type, out.shape = value.type, value.shape
-        if self._reroute(value, out, skip | {q.name}):  # a graph output keeps its name
-            name = value.name
-            value.name = f"{name}_float"
-            out.name = name
+        return q, dq
+
+    def _reroute(self, value: ir.Value, new: ir.Value, skip: set[str], outputs: bool = True) -> None:
+        """Make ``new`` feed every consumer of ``value`` not named in ``skip`` (and, with ``outputs``,
+        take its place among the graph outputs)."""
+        for use in list(value.uses()):
+            if use.node.name not in skip:
+                use.node.replace_input_with(use.idx, new)
+        if outputs and value.is_graph_output():
+            self._take_output(value, new)
+
+    def _take_output(self, value: ir.Value, new: ir.Value) -> None:
+        """Put ``new`` in ``value``'s place among the graph outputs, under its name."""
+        outputs = self.graph.outputs
+        i = next(k for k, v in enumerate(outputs) if v is value)
+        name = value.name
+        value.name = f"{name}_float"
+        outputs[i] = new
+        new.name = name
+
+    def _insert_after_producer(self, value: ir.Value, nodes: list[ir.Node]) -> None:
         producer = value.producer()
         if producer is None:
-            self.graph.insert_before(self._first(), [q, dq])
+            self.graph.insert_before(self._first(), nodes)
         else:
-            self.graph.insert_after(producer, [q, dq])
+            self.graph.insert_after(producer, nodes)
 
     def gathered_codes(self, node: ir.Node, name: str, codes: np.ndarray, scale: np.ndarray) -> None:
         """Make Gather ``node`` look up ``codes`` (int8) instead of its float table and dequantize what
@@ -113,23 +201,14 @@ class _Writer:
         dq = ir.node("DequantizeLinear", [value, s, z], {"axis": -1}, name=f"{name}_DequantizeLinear")
         out = dq.outputs[0]
         out.type, out.shape = value.type, value.shape
-        self._reroute(value, out, {dq.name})
-        out.name = value.name
-        value.name = f"{out.name}_gathered"
+        self._reroute(value, out, {dq.name}, outputs=False)
+        if value.is_graph_output():
+            self._take_output(value, out)
+        else:
+            out.name = value.name
+            value.name = f"{out.name}_gathered"
         value.type = ir.TensorType(ir.DataType.INT8)
         self.graph.insert_after(node, dq)
-
-    def _reroute(self, value: ir.Value, new: ir.Value, skip: set[str]) -> bool:
-        """Give ``value``'s consumers (but the nodes named in ``skip``) and its graph-output slot to
-        ``new``; returns whether ``value`` was a graph output."""
-        for use in list(value.uses()):
-            if use.node.name not in skip:
-                use.node.replace_input_with(use.idx, new)
-        if not value.is_graph_output():
-            return False
-        outputs = self.graph.outputs
-        outputs[next(k for k, v in enumerate(outputs) if v is value)] = new
-        return True
 
     def _first(self) -> ir.Node:
         return next(iter(self.graph))
@@ -137,7 +216,7 @@ class _Writer:
 
 def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) -> None:
     grid = layer.grid
-    if grid.storage == "int4":
+    if grid.block_size:
         w_kn = layer.weight if grid.axis == 0 else layer.weight.T
         scale = np.repeat(grid.scale, grid.block_size, axis=0)[: w_kn.shape[0]]
         codes = quantize(w_kn, scale, 0, grid.low, grid.qmax).astype(ml_dtypes.int4)
@@ -150,8 +229,13 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
         return
     s_w = grid.scale.astype(np.float32)
     codes = quantize(layer.weight, broadcast_channel(s_w, grid.axis, layer.weight.ndim), 0, grid.low, grid.qmax)
-    node.replace_input_with(1, w.dq(layer.weight_name, codes.astype(np.int8), s_w,
-                                    np.zeros(len(s_w), np.int8), axis=grid.axis))
+    packed = grid.storage == "int4"
+    # Packed codes are cast to int8 where onnxruntime folds the Cast at load (the integer kernels
+    # take int8 weights); the generic encoding dequantizes int4 directly.
+    stored, zp_type = (ml_dtypes.int4, ml_dtypes.int4 if plan.goal == "generic" else np.int8) if packed \
+        else (np.int8, np.int8)
+    node.replace_input_with(1, w.dq(layer.weight_name, codes.astype(stored), s_w, np.zeros(len(s_w), zp_type),
+                                    axis=grid.axis, unpack=packed and plan.goal != "generic"))
     if layer.bias is not None and layer.activation_input:
         s_x = plan.act_params(layer.input_name)[0]
         s_b = (s_x * s_w).astype(np.float32)
@@ -159,13 +243,32 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
         node.replace_input_with(2, w.dq(layer.bias_name, b_q, s_b, np.zeros(len(s_b), np.int32), axis=0))
 
 
+def _absorbed(value: ir.Value, act: ActivationPlan, ops: dict[str, str]) -> ir.Value | None:
+    """The input of the Relu/Clip producing ``value`` when selection absorbed it into the quantized op
+    before it (the grid is bounded and that op's output feeds only the Relu/Clip), else None."""
+    producer = value.producer()
+    if act.bound is None or producer is None or producer.op_type not in ("Relu", "Clip"):
+        return None
+    pre = producer.inputs[0]
+    before = pre.producer()
+    if before is None or before.name not in ops or len(pre.uses()) != 1 or pre.is_graph_output():
+        return None
+    return pre
+
+
+def _narrow(plan: QuantPlan, act: ActivationPlan) -> bool:
+    """Whether ``act`` is written as a plain uint4 tensor (goal ``generic``, a grid of ≤ 4 bits)."""
+    return plan.goal == "generic" and plan.root(act.name).bits <= 4
+
+
 def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     """The QDQ model of ``plan`` over a copy of the fused graph ``fp32`` (which is left unchanged).
 
     Node names are kept, so a planned layer is found in the result by its name.
     """
-    needed = 21 if any(l.grid.storage == "int4" for l in plan.layers.values()) else 13
-    model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), needed))
+    int4 = any(l.grid.storage == "int4" for l in plan.layers.values()) \
+        or any(_narrow(plan, a) for a in plan.activations.values())
+    model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), 21 if int4 else 13))
     graph = model.graph
     nodes = {n.name: n for n in graph}
     writer = _Writer(graph)
@@ -178,15 +281,20 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     float_input = {name for name, layer in plan.layers.items() if not layer.activation_input}
     for name, act in plan.activations.items():
         scale, zp = plan.act_params(name)
+        root = plan.root(name)
+        dtype = ml_dtypes.uint4 if _narrow(plan, act) else np.uint8
         if act.constant:
             init = graph.initializers[name]
-            codes = quantize(init.const_value.numpy(), scale, zp, 0, act.qmax).astype(np.uint8)
-            dq = writer.dq(name, codes, np.array(scale, np.float32), np.array(zp, np.uint8))
+            codes = quantize(init.const_value.numpy(), scale, zp, 0, root.qmax).astype(dtype)
+            dq = writer.dq(name, codes, np.array(scale, np.float32), np.array(zp, dtype))
             for use in list(init.uses()):
                 if use.node.name in plan.ops:
                     use.node.replace_input_with(use.idx, dq)
+        elif root.qmax < 255 and act.tied_to is None and dtype is np.uint8:
+            value = values[name]
+            writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_absorbed(value, act, plan.ops))
         else:
-            writer.qdq(values[name], scale, zp, skip=float_input)
+            writer.qdq(values[name], scale, zp, skip=float_input, dtype=dtype)
     common.RemoveUnusedNodesPass()(model)
     common.TopologicalSortPass()(model)
     return model

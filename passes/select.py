@@ -25,10 +25,14 @@ Rules, for onnxruntime's CPU QDQ fusions (uint8 activations, int8 weights):
 * ``--exclude REGEX`` keeps matching nodes (by name or op type) in float. The outputs of float
   compute layers stay float too (see ``pinned`` below), so ops reading them run in float.
 
-With 4-bit weights, Conv keeps int8 storage with codes in [−7, 7] (4-bit values on QLinearConv, the
-fast path), while MatMul/Gemm store int4 blocked along the reduction axis for MatMulNBits, which
-takes a float activation input. With 3 or 2 bits every layer keeps int8 storage, codes in [−3, 3] or
-[−1, 1], on the same integer kernels as 8-bit weights.
+Below 8 bits the target's goal (``onnxptq/target.py``) picks the weight encoding: for ``speed`` every
+layer keeps int8 storage with codes in [−7, 7], [−3, 3] or [−1, 1] on the same integer kernels as
+8-bit weights; for ``size`` they are stored as int4 — MatMul/Gemm blocked along the reduction axis for
+MatMulNBits (which takes a float activation input), Conv per channel; ``generic`` stores int4 per
+channel everywhere. Activations take ``--a-bits`` (4: a 15-code grid). With ``first_last_8bit`` (the
+papers' convention, on by default) the first and last weighted layers — those with no weighted layer
+before, or after, them in the graph — keep 8-bit weights, and their input activations (and the last
+layers' outputs) keep 8 bits.
 """
 
 from __future__ import annotations
@@ -129,12 +133,14 @@ class SelectPass:
 
     def run(self, state: CompileState) -> None:
         opts = state.options
-        if opts.a_bits != 8:
-            raise InputError("--a-bits supports 8 only for now (4-bit activations arrive with the "
-                             "4-bit encodings); use --a-bits 8")
+        if opts.a_bits not in (8, 4):
+            raise InputError(f"--a-bits {opts.a_bits} is not supported; use 8 or 4")
+        if opts.w_bits not in (8, 4, 3, 2):
+            raise InputError(f"--w-bits {opts.w_bits} is not supported; use 8, 4, 3 or 2")
         skipped = excluded(opts.exclude)
         target = resolve_target(opts.target)
         plan = state.plan
+        plan.goal = target.goal
         graph = state.model.graph
 
         def want(value: ir.Value, bound: tuple[float, float] | None = None, tied_to: str | None = None) -> None:
@@ -154,6 +160,13 @@ class SelectPass:
                 return
             want(out)
 
+        weighted = [n.name for n in graph if n.op_type in COMPUTE and _weight_axis(n) is not None and not skipped(n)]
+        first, last = edge_layers(graph, set(weighted))
+        edges = first | last if opts.first_last_8bit and min(opts.w_bits, opts.a_bits) < 8 else set()
+
+        def w_bits(node: ir.Node) -> int:
+            return 8 if node.name in edges else opts.w_bits
+
         # Which nodes run quantized is decided first, so a layer knows whether its consumers do.
         # Outputs of float compute layers are pinned to float: a Q right after such a layer (or after
         # its Relu/Clip) would let onnxruntime quantize the layer's float weight and fuse it anyway.
@@ -162,10 +175,10 @@ class SelectPass:
         pinned: set[str] = statistics(graph)
         masks = from_integers(graph)
         for node in graph:
-            int4 = opts.w_bits == 4 and node.op_type in ("MatMul", "Gemm") and _weight_axis(node) is not None
-            if (int4 or self._runs_quantized(node, pinned, masks)) and not skipped(node):
+            blocked = node.name in weighted and _blocked(node.op_type, w_bits(node), target.goal)
+            if (blocked or self._runs_quantized(node, pinned, masks)) and not skipped(node):
                 quantized[node.name] = node.op_type
-                if int4:  # MatMulNBits: float in, float out; a Q/DQ on either side blocks the fusion
+                if blocked:  # MatMulNBits: float in, float out; a Q/DQ on either side blocks the fusion
                     pinned.update(v.name for v in node.outputs)
             elif node.op_type in COMPUTE or (node.op_type in BOUNDED and node.inputs[0] is not None
                                             and node.inputs[0].name in pinned):
@@ -182,7 +195,8 @@ class SelectPass:
             if node.name in quantized:
                 axis = _weight_axis(node)
                 if axis is not None:
-                    self._plan_layer(state, node, axis, target.weight_qmax8)
+                    self._plan_layer(state, node, axis, weight_grid(node, axis, w_bits(node), target.goal,
+                                                                    target.weight_qmax8, opts.block_size))
                     layer = plan.layers[node.name]
                     if layer.activation_input:
                         want(node.inputs[0])
@@ -198,8 +212,9 @@ class SelectPass:
         if not plan.layers:
             raise InputError("the model has no quantizable layers (Conv, Gemm or MatMul with a constant "
                              "float weight); nothing to compile")
+        kept = self._keep_edges_8bit(state, first & edges, last & edges)
         state.report.note(self.name, f"{len(plan.layers)} weighted layers, {len(quantized)} quantized ops, "
-                                     f"{len(plan.activations)} quantized tensors; target {target.name}")
+                                     f"{len(plan.activations)} quantized tensors; target {target.name}" + kept)
         state.report.model["target"] = target.name
 
     @staticmethod
@@ -230,25 +245,66 @@ class SelectPass:
         return False
 
     @staticmethod
-    def _plan_layer(state: CompileState, node: ir.Node, axis: int, qmax8: int) -> None:
-        opts = state.options
+    def _keep_edges_8bit(state: CompileState, first: set[str], last: set[str]) -> str:
+        """Give the first and last layers' input grids (and the last layers' output grids) 8 bits;
+        returns the report's note."""
+        plan = state.plan
+        nodes = {n.name: n for n in state.model.graph}
+        tensors = [plan.layers[n].input_name for n in first | last if n in plan.layers]
+        tensors += [nodes[n].outputs[0].name for n in last if n in plan.layers]
+        for name in tensors:
+            if name in plan.activations:
+                plan.root(name).bits = 8
+        kept = sorted(n for n in first | last if n in plan.layers)
+        state.report.model["first_last_8bit"] = kept
+        return f"; first/last layers kept at 8 bits: {', '.join(kept)}" if kept else ""
+
+    @staticmethod
+    def _plan_layer(state: CompileState, node: ir.Node, axis: int, grid: WeightGrid) -> None:
         w = const(node.inputs[1])
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
-        if opts.w_bits == 8:
-            grid = WeightGrid(bits=8, qmax=qmax8, axis=axis)
-        elif opts.w_bits in (2, 3) or (opts.w_bits == 4 and node.op_type == "Conv"):
-            grid = WeightGrid(bits=opts.w_bits, qmax=2 ** (opts.w_bits - 1) - 1, axis=axis)
-        elif opts.w_bits == 4:
-            # Blocked along the reduction axis K: axis 0 of a [K, N] weight, axis 1 of a transB Gemm's
-            # [N, K] (emission transposes it, as MatMulNBits wants B as [K, N]).
-            k_axis = 1 if node.op_type == "Gemm" and attr(node, "transB", 0) else 0
-            grid = WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, block_size=opts.block_size, storage="int4")
-        else:
-            raise InputError(f"--w-bits {opts.w_bits} is not supported; use 8, 4, 3 or 2")
         state.plan.layers[node.name] = LayerPlan(
             node=node.name, op_type=node.op_type, weight_name=node.inputs[1].name,
             weight=w.copy(), grid=grid, input_name=node.inputs[0].name,
             bias_name=None if bias_v is None else bias_v.name,
             bias=None if bias_v is None else const(bias_v).copy(),
             bn=state.plan.folded_bn.get(node.name),
-            activation_input=grid.storage != "int4")
+            activation_input=grid.block_size is None)
+
+
+def _blocked(op_type: str, bits: int, goal: str) -> bool:
+    """Whether a layer is stored as int4 blocks along K for MatMulNBits (float activation input)."""
+    return goal == "size" and bits < 8 and op_type in ("MatMul", "Gemm")
+
+
+def weight_grid(node: ir.Node, axis: int, bits: int, goal: str, qmax8: int, block_size: int) -> WeightGrid:
+    """The weight grid of a layer at ``bits`` for the target's ``goal`` (see the module docstring)."""
+    if bits == 8:
+        return WeightGrid(bits=8, qmax=qmax8, axis=axis)
+    qmax = 2 ** (bits - 1) - 1
+    if _blocked(node.op_type, bits, goal):
+        # Blocked along the reduction axis K: axis 0 of a [K, N] weight, axis 1 of a transB Gemm's
+        # [N, K] (emission transposes it, as MatMulNBits wants B as [K, N]).
+        k_axis = 1 if node.op_type == "Gemm" and attr(node, "transB", 0) else 0
+        return WeightGrid(bits=bits, qmax=qmax, qmin=-qmax - 1, axis=k_axis, block_size=block_size, storage="int4")
+    return WeightGrid(bits=bits, qmax=qmax, axis=axis, storage="int8" if goal == "speed" else "int4")
+
+
+def edge_layers(graph: ir.Graph, weighted: set[str]) -> tuple[set[str], set[str]]:
+    """(first, last): the nodes of ``weighted`` with no other weighted node before them (on any path
+    from a graph input) and those with none after them (on any path to a graph output)."""
+    def sweep(nodes: list[ir.Node], ins, outs) -> set[str]:
+        reached: set[str] = set()  # values with a weighted node upstream (in sweep order)
+        edge = set()
+        for node in nodes:
+            seen = any(v is not None and v.name in reached for v in ins(node))
+            if node.name in weighted and not seen:
+                edge.add(node.name)
+            if seen or node.name in weighted:
+                reached.update(v.name for v in outs(node) if v is not None)
+        return edge
+
+    nodes = list(graph)
+    first = sweep(nodes, lambda n: n.inputs, lambda n: n.outputs)
+    last = sweep(nodes[::-1], lambda n: n.outputs, lambda n: n.inputs)
+    return first, last

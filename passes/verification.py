@@ -4,7 +4,13 @@
 * onnxruntime sessions at ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL (both must load and run);
 * fusion coverage from the EXTENDED-optimized graph: of the nodes planned to run quantized, the
   fraction that onnxruntime runs on an integer kernel (matched by node name, which the fusions keep);
-  the float leftovers are named;
+  the float leftovers are named. For the ``generic-qdq`` target (uint4 tensors, which onnxruntime's
+  QDQ optimizers reject) the model is loaded and run at ORT_ENABLE_BASIC instead and coverage is
+  not applicable (reported as None);
+* integer simulation (``onnxptq/simulate.py``): on one held-back sample, up to ``SIMULATED`` Conv
+  layers spread over the model are recomputed in numpy from the codes onnxruntime's fused graph feeds
+  them, and their output codes compared with the fused kernels': differences other than one code at a
+  rounding tie are counted as ``unexplained`` (int16 saturation, a merged Q/DQ pair, …);
 * output agreement with the user's fp32 model on held-back calibration samples: SQNR, cosine,
   max |error| and, for class scores, top-1 agreement.
 """
@@ -17,8 +23,13 @@ import tempfile
 import onnx
 
 from onnxptq import runtime
+from onnxptq.costs import layer_encoding, layer_storage_bytes
 from onnxptq.metrics import compare_outputs
+from onnxptq.simulate import check_convs
 from onnxptq.state import CompileState
+from onnxptq.target import resolve_target
+
+SIMULATED = 8
 
 INTEGER_KERNELS = {
     "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
@@ -59,24 +70,39 @@ class VerificationPass:
 
     def run(self, state: CompileState) -> None:
         out = state.output
+        threads = state.options.threads
         onnx.checker.check_model(out, full_check=False)
-        kernels = optimized_kernels(out, threads=state.options.threads)
-        runtime.session(out, threads=state.options.threads, level="all")
-        cov = fusion_coverage(state.plan.ops, kernels)
+        fused = resolve_target(state.options.target).fused
+        if fused:
+            kernels = optimized_kernels(out, threads=threads)
+            runtime.session(out, threads=threads, level="all")
+            cov = fusion_coverage(state.plan.ops, kernels)
+        else:
+            cov = {"coverage": None, "integer": None, "planned": len(state.plan.ops), "float_leftovers": [],
+                   "kernels": {}}
         data = state.holdout if state.holdout is not None else state.calib
         names = [o.name for o in state.source.graph.output]
         feeds = list(data.batches(state.options.batch_size))
-        ref = runtime.run_all(runtime.session(state.source, threads=state.options.threads), feeds)
-        test = runtime.run_all(runtime.session(out, threads=state.options.threads), feeds)
+        ref = runtime.run_all(runtime.session(state.source, threads=threads), feeds)
+        test = runtime.run_all(runtime.session(out, threads=threads, level="all" if fused else "basic"), feeds)
         state.report.verification = {
             "coverage": cov["coverage"], "integer_ops": cov["integer"], "planned_ops": cov["planned"],
             "float_leftovers": cov["float_leftovers"],
             "samples": len(data), "held_back": state.holdout is not None,
             "outputs": compare_outputs(names, ref, test),
         }
+        convs = [n for n, layer in state.plan.layers.items() if layer.op_type == "Conv"]
+        if fused and convs:
+            n = min(SIMULATED, len(convs))
+            spread = [convs[round(k * (len(convs) - 1) / max(n - 1, 1))] for k in range(n)]
+            one = {k: v[:1] for k, v in feeds[0].items()}
+            state.report.verification["integer_simulation"] = check_convs(out, spread, one)
         for name, layer in state.plan.layers.items():
             state.report.layers.append({"node": name, "op": layer.op_type, "w_bits": layer.grid.bits,
-                                        "a_bits": 8 if layer.activation_input else 32,
+                                        "a_bits": state.plan.root(layer.input_name).bits
+                                        if layer.activation_input else 32,
+                                        "encoding": layer_encoding(layer, state.plan.goal),
+                                        "bytes": layer_storage_bytes(layer, state.plan.goal),
                                         "kernel": cov["kernels"].get(name)})
         if state.holdout is None:
             state.report.warnings.append("agreement was measured on calibration samples (too few to hold "

@@ -218,7 +218,7 @@ def test_captured_statistics_match_the_layers(rng):
     """With fp32 inputs Y = X·Wᵀ exactly, so XᵀY = A·Wᵀ: checks the patches against onnxruntime's Conv,
     the Gemm rows and the bias removal; a small row cap exercises the subsampling."""
     x = rng.standard_normal((12, 3, 16, 16)).astype(np.float32)
-    state = planned_state(cnn(rng), x, w_bits=4, batch_size=5)
+    state = planned_state(cnn(rng), x, w_bits=4, batch_size=5, first_last_8bit=False)
     layers = list(state.plan.layers.values())
     stats = response_stats(state, layers, max_rows=300)
     for layer in layers:
@@ -260,7 +260,8 @@ def test_compile_bitsplit_beats_round_to_nearest(rng, bits):
     ref = session(model).run(None, {"x": test})[0]
     sqnr = {}
     for solver in ("rtn", "bitsplit"):
-        q = onnxptq.compile(model, {"x": calib}, w_bits=bits, weight_solver=solver, holdout=0).model
+        q = onnxptq.compile(model, {"x": calib}, w_bits=bits, weight_solver=solver, holdout=0,
+                            first_last_8bit=False).model
         err = ref - session(q).run(None, {"x": test})[0]
         sqnr[solver] = 10 * np.log10((ref**2).sum() / (err**2).sum())
     assert sqnr["bitsplit"] >= sqnr["rtn"] + 1, sqnr
@@ -270,7 +271,7 @@ def test_report_rows_and_fits(rng):
     """Every 2–4-bit layer is solved and reported; the classifier (one row per sample, fewer than two
     per weight) is fitted in weight space, layers with a bias with their best bias shift."""
     x = rng.standard_normal((12, 3, 16, 16)).astype(np.float32)
-    report = onnxptq.compile(cnn(rng), {"x": x}, w_bits=3, weight_solver="bitsplit").report
+    report = onnxptq.compile(cnn(rng), {"x": x}, w_bits=3, weight_solver="bitsplit", first_last_8bit=False).report
     entry = next(p for p in report["passes"] if p["name"] == "bitsplit")
     fits = {row["node"]: row["fit"] for row in entry["layers"]}
     assert fits == {"conv1": "centered response", "conv2": "centered response", "fc": "weights"}
@@ -309,7 +310,8 @@ def test_blocked_int4_matmul(rng):
     ref = test @ w
     sqnr = {}
     for solver in ("rtn", "bitsplit"):
-        result = onnxptq.compile(model, {"x": calib}, w_bits=4, weight_solver=solver, holdout=0)
+        result = onnxptq.compile(model, {"x": calib}, w_bits=4, weight_solver=solver, holdout=0,
+                                 first_last_8bit=False, target="ort-cpu-size")
         err = ref - session(result.model).run(None, {"x": test})[0]
         sqnr[solver] = 10 * np.log10((ref**2).sum() / (err**2).sum())
     row = next(p for p in result.report["passes"] if p["name"] == "bitsplit")["layers"][0]

@@ -113,7 +113,8 @@ def test_matmul_w8_and_w4(rng, tmp_path):
     k8 = optimized_kernels(onnx.load(tmp_path / "q8.onnx"))
     assert k8["mm1"] == "QLinearMatMul" and k8["bias1"] == "QLinearAdd"
     assert k8["mm2"] == "MatMulIntegerToFloat", "a graph-output MatMul keeps a float output"
-    r4 = onnxptq.compile(model, calib, tmp_path / "q4.onnx", w_bits=4, block_size=32)
+    r4 = onnxptq.compile(model, calib, tmp_path / "q4.onnx", w_bits=4, block_size=32, target="ort-cpu-size",
+                         first_last_8bit=False)
     q4 = onnx.load(tmp_path / "q4.onnx")
     codes = next(i for i in q4.graph.initializer if i.name == "w1_quantized")
     assert codes.data_type == onnx.TensorProto.INT4
@@ -122,11 +123,17 @@ def test_matmul_w8_and_w4(rng, tmp_path):
     k4 = optimized_kernels(q4)
     assert k4["mm1"] == "MatMulNBits" and k4["mm2"] == "MatMulNBits"
     assert r4.report["verification"]["outputs"]["y"]["sqnr_db"] > 15
+    # speed-first (the default target): 4-bit codes in int8 storage on the 8-bit integer kernels
+    r4s = onnxptq.compile(model, calib, tmp_path / "q4s.onnx", w_bits=4, first_last_8bit=False)
+    assert np.abs(inits(onnx.load(tmp_path / "q4s.onnx"))["w1_quantized"]).max() == 7
+    k4s = optimized_kernels(onnx.load(tmp_path / "q4s.onnx"))
+    assert k4s["mm1"] == "QLinearMatMul" and k4s["mm2"] == "MatMulIntegerToFloat"
+    assert r4s.report["verification"]["coverage"] == 1.0
 
 
 def test_w4_conv_runs_on_int8_kernels_with_4bit_codes(cnn_files, tmp_path):
     model_path, calib = cnn_files
-    result = onnxptq.compile(model_path, calib, tmp_path / "q.onnx", w_bits=4)
+    result = onnxptq.compile(model_path, calib, tmp_path / "q.onnx", w_bits=4, first_last_8bit=False)
     qi = inits(onnx.load(tmp_path / "q.onnx"))
     assert qi["w1_quantized"].dtype == np.int8 and np.abs(qi["w1_quantized"]).max() == 7
     assert result.report["verification"]["coverage"] == 1.0

@@ -1,0 +1,53 @@
+"""Exact integer simulation of onnxruntime's quantized kernels, for checking emitted codes.
+
+QLinearConv / QGemm with input codes x (zero point z_x, scale s_x), int8 weight codes q (per output
+channel scale s_w[m], zero point 0) and int32 bias codes b compute
+
+    acc[m] = Σ_k (x_k − z_x)·q[m, k] + b[m]                       (exact, int32)
+    y[m]   = clip(rint(acc[m] · (s_x·s_w[m] / s_y)) + z_y, 0, 255)   (float32 multiplier, ties to even)
+
+and QLinearAdd of a tensor and a constant 0 on one grid scale (the capped encoding of
+``passes/emission.py``) is the exact shift c ↦ clip(c − z_in + z_out, 0, 255).
+The simulation's float rounding can
+differ from the kernel's only where acc·multiplier lies within float32 error of a half-integer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from onnxptq.kernels.im2col import conv_output_shape, im2col
+
+
+def conv_accumulate(x_codes: np.ndarray, x_zero: int, w_codes: np.ndarray, bias: np.ndarray | None,
+                    strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int],
+                    group: int = 1) -> np.ndarray:
+    """acc [N, M, *O] of a quantized Conv (int64); padding holds the zero point, i.e. contributes 0."""
+    centred = np.asarray(x_codes, np.int64) - int(x_zero)
+    patches = im2col(centred, w_codes.shape[2:], strides, dilations, pads, group)  # [G, R, K]
+    m = w_codes.shape[0]
+    w = np.asarray(w_codes, np.int64).reshape(group, m // group, -1)               # [G, M/G, K]
+    acc = np.einsum("grk,gmk->rgm", patches, w).reshape(patches.shape[1], m)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64)
+    out = conv_output_shape(x_codes.shape[2:], w_codes.shape[2:], strides, dilations, pads)
+    return np.moveaxis(acc.reshape(x_codes.shape[0], *out, m), -1, 1)
+
+
+def requantize(acc: np.ndarray, multiplier: np.ndarray, zero_point: int, axis: int = 1,
+               qmin: int = 0, qmax: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, tie distance): clip(rint(acc·multiplier) + z, qmin, qmax) with a per-channel float32
+    multiplier along ``axis``, and |frac(acc·multiplier) − ½| — where it is tiny, the kernel's own
+    float rounding may land on the other side."""
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    scaled = acc.astype(np.float32) * np.asarray(multiplier, np.float32).reshape(shape)
+    codes = np.clip(np.rint(scaled).astype(np.int64) + int(zero_point), qmin, qmax)
+    return codes, np.abs(scaled - np.floor(scaled) - 0.5)
+
+
+def shift_codes(codes: np.ndarray, zero_in: int, zero_out: int) -> np.ndarray:
+    """Requantization between two grids of one scale: c ↦ clip(c − z_in + z_out, 0, 255)."""
+    return np.clip(np.asarray(codes, np.int64) - int(zero_in) + int(zero_out), 0, 255)

@@ -1,0 +1,156 @@
+"""Cost facts of a layer's encodings: the bytes it stores in the model file, and measured latency.
+
+``storage_bytes`` is the one place that knows what each weight encoding writes (codes, scales, zero
+points, bias), for a layer with ``n`` weights in ``C`` output channels (K = n / C inputs each):
+
+=============  ==============================================================  =====================
+encoding       initializers                                                    bytes
+=============  ==============================================================  =====================
+``fp32``       float weight and bias                                           4n + 4C
+``int8``       int8 codes (any width ≤ 8 bits), f32 scale + int8 zero point    n + 5C + 12C
+               per channel; int32 bias with its f32 scale and int32 zero point
+``int4-cast``  int4 codes packed two per byte, Cast to int8 at load (goal      ⌈n/2⌉ + 5C + 12C
+               ``size``, Conv); otherwise as ``int8``
+``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 12C
+``int4-blocks``int4 codes in blocks of B along K, one f32 scale per block and  ⌈n/2⌉ + 4·⌈K/B⌉·C + 4C
+               column, float bias (MatMulNBits)
+=============  ==============================================================  =====================
+
+(the bias terms only when the layer has a bias). ``layer_latency`` measures what a layer costs in
+each encoding on this host: the layer alone, cut out of the fused fp32 graph, emitted by the same
+``emission.emit_model`` as a compile, run by onnxruntime at ORT_ENABLE_ALL on one thread on its
+real input (one calibration sample), every encoding timed interleaved (``onnxptq.latency``).
+``int8-a4`` is ``int8`` with the layer's output on a 4-bit grid (the capped encoding of
+``passes/emission.py``), so its difference to ``int8`` is the cost of the cap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxptq import runtime
+from onnxptq.capture import channel_axis
+from onnxptq.kernels.quant import block_rows, channel_rows, row_scales
+from onnxptq.latency import interleaved_latency
+from onnxptq.passes.calibration import with_outputs
+from onnxptq.passes.emission import emit_model
+from onnxptq.passes.weights import WeightGridPass
+from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, WeightGrid
+from onnxptq.state import CompileState
+
+ENCODINGS = ("fp32", "int8", "int8-a4", "int4-cast", "int4-qdq", "int4-blocks")
+_BLOCKED_OPS = ("MatMul", "Gemm")
+
+
+def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bias: bool, block_size: int = 32) -> int:
+    """Bytes a layer's weight (and bias) occupy in the model file under ``encoding`` (table above)."""
+    n = int(np.prod(weight_shape))
+    c, k = channels, n // channels
+    packed = -(-n // 2)
+    int_bias = 12 * c if bias else 0
+    if encoding == "fp32":
+        return 4 * n + (4 * c if bias else 0)
+    if encoding in ("int8", "int8-a4"):
+        return n + 5 * c + int_bias
+    if encoding == "int4-cast":
+        return packed + 5 * c + int_bias
+    if encoding == "int4-qdq":
+        return packed + 4 * c + -(-c // 2) + int_bias
+    if encoding == "int4-blocks":
+        return packed + 4 * -(-k // block_size) * c + (4 * c if bias else 0)
+    raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+
+
+def layer_encoding(layer: LayerPlan, goal: str) -> str:
+    """The encoding emission writes for ``layer`` under the target's ``goal``."""
+    if layer.grid.block_size:
+        return "int4-blocks"
+    if layer.grid.storage == "int4":
+        return "int4-qdq" if goal == "generic" else "int4-cast"
+    return "int8"
+
+
+def layer_storage_bytes(layer: LayerPlan, goal: str, encoding: str | None = None) -> int:
+    """``storage_bytes`` of ``layer`` as planned (or in ``encoding``)."""
+    return storage_bytes(encoding or layer_encoding(layer, goal), layer.weight.shape,
+                         layer.weight.shape[channel_axis(layer)], layer.bias is not None,
+                         layer.grid.block_size or 32)
+
+
+def encodings_for(op_type: str) -> tuple[str, ...]:
+    """The encodings a layer of ``op_type`` can be emitted in."""
+    return tuple(e for e in ENCODINGS if e != "int4-blocks" or op_type in _BLOCKED_OPS)
+
+
+def _grid(state: CompileState, layer: LayerPlan, encoding: str, k_axis: int) -> WeightGrid:
+    """A min-max weight grid of ``layer`` in ``encoding`` (the values do not change the timing), with
+    the weights pass's floor that keeps the int32 bias representable."""
+    axis = channel_axis(layer)
+    if encoding == "int4-blocks":
+        w_kn = layer.weight if k_axis == 0 else layer.weight.T
+        scale = row_scales(block_rows(w_kn, 32), 7, "minmax").reshape(-1, w_kn.shape[1])
+        return WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, scale=scale, block_size=32, storage="int4")
+    bits, storage = (8, "int8") if encoding in ("int8", "int8-a4") else (4, "int4")
+    qmax = 2 ** (bits - 1) - 1
+    scale = WeightGridPass._bias_safe(state, layer, row_scales(channel_rows(layer.weight, axis), qmax, "minmax"))
+    return WeightGrid(bits=bits, qmax=qmax, axis=axis, storage=storage, scale=scale)
+
+
+def _single_layer(state: CompileState, layer: LayerPlan) -> tuple[ir.Model, dict[str, np.ndarray], np.ndarray]:
+    """The fused fp32 graph cut down to ``layer`` alone, its input for one calibration sample, and
+    that sample's output."""
+    node = next(n for n in state.model.graph if n.name == layer.node)
+    out_name = node.outputs[0].name
+    sess = runtime.session(with_outputs(state.model, [layer.input_name, out_name]), level="basic")
+    feed = {k: v[:1] for k, v in next(state.calib.batches(1)).items()}
+    x, y = sess.run([layer.input_name, out_name], feed)
+    proto = onnx.utils.Extractor(ir.serde.serialize_model(state.model)).extract_model([layer.input_name], [out_name])
+    return ir.serde.deserialize_model(proto), {layer.input_name: x}, y
+
+
+def layer_latency(state: CompileState, node: str, encodings: Sequence[str] | None = None,
+                  runs: int = 20) -> dict[str, float]:
+    """Median milliseconds of layer ``node`` (planned in ``state``) in each encoding, on this host."""
+    layer = state.plan.layers[node]
+    encodings = [e for e in (encodings or encodings_for(layer.op_type)) if e in encodings_for(layer.op_type)]
+    single, feed, y = _single_layer(state, layer)
+    x = feed[layer.input_name]
+    graph_node = next(iter(single.graph))
+    transb = graph_node.attributes.get("transB")
+    k_axis = 1 if layer.op_type == "Gemm" and transb is not None and transb.value else 0
+    out_name = graph_node.outputs[0].name
+    sessions = {}
+    for encoding in encodings:
+        if encoding == "fp32":
+            sessions[encoding] = runtime.session(ir.serde.serialize_model(single), threads=1)
+            continue
+        grid = _grid(state, layer, encoding, k_axis)
+        plan = QuantPlan(layers={node: dataclasses.replace(layer, grid=grid, activation_input=not grid.block_size)},
+                         ops={node: layer.op_type}, goal="generic" if encoding == "int4-qdq" else "speed")
+        if not grid.block_size:
+            plan.activations = {
+                layer.input_name: ActivationPlan(layer.input_name, lo=float(x.min()), hi=float(x.max())),
+                out_name: ActivationPlan(out_name, bits=4 if encoding == "int8-a4" else 8,
+                                         lo=float(y.min()), hi=float(y.max()))}
+        model = ir.serde.serialize_model(emit_model(single, plan))
+        sessions[encoding] = runtime.session(model, threads=1)
+    return interleaved_latency(sessions, feed, runs=runs)
+
+
+def cost_table(state: CompileState, nodes: Sequence[str] | None = None, runs: int = 20) -> list[dict]:
+    """Per planned layer: its parameters, bytes and measured latency in every encoding it can take."""
+    rows = []
+    names = list(nodes or state.plan.layers)
+    for name in state.progress.track(names, "cost facts", len(names)):
+        layer = state.plan.layers[name]
+        encodings = encodings_for(layer.op_type)
+        rows.append({"node": name, "op": layer.op_type, "parameters": int(layer.weight.size),
+                     "planned": layer_encoding(layer, state.plan.goal),
+                     "bytes": {e: layer_storage_bytes(layer, state.plan.goal, e) for e in encodings},
+                     "latency_ms": {e: round(t, 4) for e, t in layer_latency(state, name, encodings, runs).items()}})
+    return rows

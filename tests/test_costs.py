@@ -1,0 +1,56 @@
+"""Cost facts: storage bytes per encoding against the emitted files, and per-layer latency."""
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxptq
+from conftest import cnn
+from onnxptq.costs import ENCODINGS, cost_table, encodings_for, storage_bytes
+from test_compile import mlp
+
+LAYERS = {"conv1": ("w1", "b1"), "conv2": ("w2", "b2"), "fc": ("wf", "bf"), "mm1": ("w1", None), "mm2": ("w2", None)}  # the mlp's bias Add is 3-D: no Gemm
+
+
+def initializer_bytes(model: onnx.ModelProto, weight: str, bias: str | None) -> int:
+    """Bytes of the initializers emission wrote for one layer (codes, scales, zero points, bias)."""
+    names = {weight, bias} - {None}
+    return sum(len(i.raw_data) or onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer
+               if i.name in names or any(i.name.startswith(f"{n}_") for n in names))
+
+
+@pytest.mark.parametrize("target,w_bits", [("ort-cpu-avx2", 8), ("ort-cpu", 4), ("ort-cpu-size", 4),
+                                            ("generic-qdq", 4)])
+@pytest.mark.parametrize("which", ["cnn", "mlp"])
+def test_storage_bytes_match_the_emitted_initializers(rng, which, target, w_bits):
+    model = cnn(rng) if which == "cnn" else mlp(rng)
+    shape = (20, 3, 16, 16) if which == "cnn" else (20, 5, 64)
+    result = onnxptq.compile(model, {"x": rng.standard_normal(shape).astype(np.float32)}, w_bits=w_bits,
+                             target=target, first_last_8bit=False, pipeline="calibration")
+    encodings = {row["encoding"] for row in result.report["layers"]}
+    expected = {("ort-cpu-avx2", 8): {"int8"}, ("ort-cpu", 4): {"int8"}, ("generic-qdq", 4): {"int4-qdq"},
+                ("ort-cpu-size", 4): {"int4-cast", "int4-blocks"} if which == "cnn" else {"int4-blocks"}}
+    assert encodings <= expected[target, w_bits] and encodings
+    for row in result.report["layers"]:
+        assert row["bytes"] == initializer_bytes(result.model, *LAYERS[row["node"]]), row
+
+
+def test_storage_bytes_formulas():
+    # a 3×3 Conv 16 → 32 with bias: n = 4608 weights
+    assert storage_bytes("fp32", (32, 16, 3, 3), 32, True) == 4 * 4608 + 4 * 32
+    assert storage_bytes("int8", (32, 16, 3, 3), 32, True) == 4608 + 5 * 32 + 12 * 32
+    assert storage_bytes("int4-cast", (32, 16, 3, 3), 32, True) == 2304 + 5 * 32 + 12 * 32
+    # a [K=80, N=24] MatMul in blocks of 32: 3 blocks per column
+    assert storage_bytes("int4-blocks", (80, 24), 24, False) == 960 + 4 * 3 * 24
+    with pytest.raises(ValueError, match="unknown encoding"):
+        storage_bytes("int3", (4, 4), 4, False)
+
+
+def test_cost_table_measures_every_encoding(rng):
+    state = onnxptq.planned_state(cnn(rng), {"x": rng.standard_normal((8, 3, 16, 16)).astype(np.float32)}, w_bits=4)
+    rows = {r["node"]: r for r in cost_table(state, runs=3)}
+    assert set(rows["conv2"]["latency_ms"]) == set(encodings_for("Conv")) == set(ENCODINGS) - {"int4-blocks"}
+    assert set(rows["fc"]["latency_ms"]) == set(ENCODINGS)
+    assert all(t > 0 for r in rows.values() for t in r["latency_ms"].values())
+    assert rows["conv2"]["bytes"]["int4-cast"] < rows["conv2"]["bytes"]["int8"] < rows["conv2"]["bytes"]["fp32"]
+    assert rows["conv1"]["planned"] == "int8" and rows["conv2"]["planned"] == "int8"
