@@ -31,9 +31,12 @@ Blocked int4 grids (MatMulNBits) have one step per (block, column) and a float i
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -44,7 +47,7 @@ from threadpoolctl import threadpool_limits
 from onnxptq.capture import LayerIO, capture, channel_axis, layer_io
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, consumers
-from onnxptq.kernels.adaquant import Fit, LayerProblem, Settings, fit
+from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit
 from onnxptq.kernels.quant import channel_rows, from_channel_rows, quantize
 from onnxptq.kernels.saturation import PAIR_LIMIT
 from onnxptq.passes.bias_correction import give_bias
@@ -71,9 +74,14 @@ class RowFile:
         np.ascontiguousarray(rows, np.float32).tofile(self.file)
         self.count += len(rows)
 
-    def read(self) -> np.ndarray:
+    def close(self) -> tuple[str, tuple[int, ...]]:
+        """(path, shape) of the finished file: what ``open_rows`` maps."""
         self.file.close()
-        return np.memmap(self.path, np.float32, "r", shape=(self.count, *self.shape))
+        return str(self.path), (self.count, *self.shape)
+
+
+def open_rows(spec: tuple[str, tuple[int, ...]]) -> np.ndarray:
+    return np.memmap(spec[0], np.float32, "r", shape=spec[1])
 
 
 class LayerRows:
@@ -91,27 +99,46 @@ class LayerRows:
             self.y.append(y)
 
 
+def fit_files(problem: LayerProblem, x_spec: tuple[str, tuple[int, ...]], y_spec: tuple[str, tuple[int, ...]],
+              settings: Settings, seed: int) -> tuple[Fit, float]:
+    """Fit one layer on its row files; (fit, seconds). Module-level so a worker process can run it."""
+    start = time.perf_counter()
+    x, y = open_rows(x_spec), open_rows(y_spec)
+
+    def rows(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.ascontiguousarray(x[index].transpose(1, 0, 2)), np.asarray(y[index])
+
+    # One BLAS thread: the products are small (a minibatch of rows), and OpenBLAS's threads spin
+    # against each other on a loaded host (a 256×80·80×480 product took 12–30 ms with 2 threads
+    # on the shared 2-core host, 0.6 ms with one). Parallel mode runs layers in processes instead.
+    with threadpool_limits(limits=1, user_api="blas"):
+        result = fit(problem, rows, len(y), settings, seed)
+    return result, time.perf_counter() - start
+
+
 @dataclass
 class AdaQuantPass:
     """``mode``: parallel or sequential; ``iterations`` and ``batch`` (rows per Adam step) per layer;
-    ``rows``: rows kept per layer and calibration batch; ``lr_*``: Adam learning rates of the weights
+    ``rows``: rows kept per layer and calibration batch; ``workers``: processes fitting layers at once
+    (parallel mode); ``lr_*``: Adam learning rates of the weights
     (units of their step), bias (units of the channel's output std), weight and input steps (relative)."""
 
     mode: str = "parallel"
-    iterations: int = 100
-    batch: int = 256
+    iterations: int = Settings.iterations
+    batch: int = Settings.batch
     rows: int = 1024
-    lr_w: float = 3e-3
-    lr_b: float = 1e-3
-    lr_sw: float = 1e-3
-    lr_sx: float = 1e-3
+    workers: int = 1
+    lr_w: float = LEARNING_RATES["v"]
+    lr_b: float = LEARNING_RATES["bias"]
+    lr_sw: float = LEARNING_RATES["w_scale"]
+    lr_sx: float = LEARNING_RATES["x_scale"]
     name: ClassVar[str] = "adaquant"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"adaquant: mode must be parallel or sequential; got {self.mode!r}")
-        if self.iterations < 0 or self.batch < 1 or self.rows < 1:
-            raise InputError("adaquant: iterations must be ≥ 0, batch and rows ≥ 1")
+        if self.iterations < 0 or min(self.batch, self.rows, self.workers) < 1:
+            raise InputError("adaquant: iterations must be ≥ 0; batch, rows and workers ≥ 1")
 
     def settings(self) -> Settings:
         return Settings(iterations=self.iterations, batch=self.batch,
@@ -126,17 +153,21 @@ class AdaQuantPass:
         start = time.perf_counter()
         report: list[dict] = []
         order = {name: i for i, name in enumerate(state.plan.layers)}
+        settings, seed = self.settings(), state.options.seed
         with tempfile.TemporaryDirectory(prefix="onnxptq-adaquant-") as tmp:
             folder = Path(tmp)
             parallel = self.mode == "parallel"
             fp32 = capture(state, layers, lambda io: LayerRows(folder / str(order[io.node]), io, parallel, True),
                            self.rows, "adaquant: fp32 rows")
-            targets = {name: acc.y.read() for name, acc in fp32.items()}
+            targets = {name: acc.y.close() for name, acc in fp32.items()}
             if parallel:
-                inputs = {name: acc.x.read() for name, acc in fp32.items()}
-                for layer in state.progress.track(layers, "adaquant: layers", len(layers)):
-                    report.append(self._fit(state, layer, ios[layer.node], inputs.pop(layer.node),
-                                            targets.pop(layer.node)))
+                problems = [layer_problem(state, layer, ios[layer.node], open_rows(targets[layer.node]))
+                            for layer in layers]
+                jobs = [(p, fp32[layer.node].x.close(), targets[layer.node], settings, seed)
+                        for layer, p in zip(layers, problems)]
+                for layer, problem, (result, seconds) in zip(layers, problems, self._map(state, jobs)):
+                    write_back(state, layer, problem, result)
+                    report.append(_report_row(layer, ios[layer.node], problem, result, seconds))
             else:
                 groups = level_groups(state.model.graph, state.plan.layers)
                 for group in state.progress.track(groups, "adaquant: levels", len(groups)):
@@ -146,35 +177,37 @@ class AdaQuantPass:
                                         self.rows, "adaquant: quantized rows", emit_model(state.model, state.plan),
                                         integer_level(state))
                     for layer in level:
-                        report.append(self._fit(state, layer, ios[layer.node], quantized[layer.node].x.read(),
-                                                targets.pop(layer.node)))
+                        problem = layer_problem(state, layer, ios[layer.node], open_rows(targets[layer.node]))
+                        result, seconds = fit_files(problem, quantized[layer.node].x.close(), targets[layer.node],
+                                                    settings, seed)
+                        write_back(state, layer, problem, result)
+                        report.append(_report_row(layer, ios[layer.node], problem, result, seconds))
         state.report.passes.append({"name": self.name, "layers": report})
         ratios = [r["vs_rtn"] for r in report if r["vs_rtn"] is not None]
         state.report.note(self.name, f"{len(report)} layers, mode {self.mode}, {self.iterations} iterations × "
-                                     f"{self.batch} rows; layer loss vs round-to-nearest: median "
+                                     f"≤{self.batch} rows; layer loss vs round-to-nearest: median "
                                      f"×{statistics.median(ratios):.3f}, worst ×{max(ratios):.3f}; "
                                      f"{sum(r['input_step'] for r in report)} input steps moved; "
                                      f"{time.perf_counter() - start:.1f} s")
 
-    def _fit(self, state: CompileState, layer: LayerPlan, io: LayerIO, x: np.ndarray, y: np.ndarray) -> dict:
-        start = time.perf_counter()
-        problem = layer_problem(state, layer, io, y)
-        count = len(y)
+    def _map(self, state: CompileState, jobs: list[tuple]) -> Iterator[tuple[Fit, float]]:
+        """``fit_files`` over independent layers, in ``workers`` processes (in order, seeded alike, so
+        the result does not depend on the number of workers)."""
+        if self.workers <= 1:
+            yield from (fit_files(*job) for job in state.progress.track(jobs, "adaquant: layers", len(jobs)))
+            return
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(fit_files, *job) for job in jobs]
+            yield from (f.result() for f in state.progress.track(futures, "adaquant: layers", len(futures)))
 
-        def rows(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return np.ascontiguousarray(x[index].transpose(1, 0, 2)), np.asarray(y[index])
 
-        # One BLAS thread: the products are small (a minibatch of rows), and OpenBLAS's threads spin
-        # against each other on a loaded host (a 256×80·80×480 product took 12–30 ms with 2 threads
-        # on the shared 2-core host, 0.6 ms with one).
-        with threadpool_limits(limits=1, user_api="blas"):
-            result = fit(problem, rows, count, self.settings(), state.options.seed)
-        write_back(state, layer, problem, result)
-        return {"node": layer.node, "op": layer.op_type, "rows": count, "k": io.k, "channels": io.channels,
-                "weights": problem.learn_weights, "input_step": problem.learning()["x_scale"],
-                "rtn_loss": result.loss_rtn, "loss": result.loss,
-                "vs_rtn": result.loss / result.loss_rtn if result.loss_rtn > 0 else None,
-                "iterations": result.iterations, "seconds": round(time.perf_counter() - start, 3)}
+def _report_row(layer: LayerPlan, io: LayerIO, problem: LayerProblem, result: Fit, seconds: float) -> dict:
+    """Per layer: rows, what was fitted, the loss of round-to-nearest and of the fit, iterations, time."""
+    return {"node": layer.node, "op": layer.op_type, "rows": result.rows, "k": io.k, "channels": io.channels,
+            "weights": problem.learn_weights, "input_step": problem.learning()["x_scale"],
+            "rtn_loss": result.loss_rtn, "loss": result.loss,
+            "vs_rtn": result.loss / result.loss_rtn if result.loss_rtn > 0 else None,
+            "iterations": result.iterations, "seconds": round(seconds, 3)}
 
 
 def output_bound(state: CompileState, layer: LayerPlan) -> tuple[float, float] | None:
