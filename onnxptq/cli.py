@@ -91,7 +91,9 @@ def cli() -> None:
               "bias-correction), advanced (adaquant, then light), or a spec of comma-separated passes, each with "
               "optional :key=value options, run in the order given: bn-reestimate[:target=fp32|bn][:layers=bn|hidden] "
               "(match the per-channel mean/std of each BN-folded, or each hidden, layer's output to the fp32 model's, "
-              "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error). Core pass names may "
+              "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error), "
+              "adaquant[:mode=parallel|sequential][:iterations=N][:workers=N] (fit each layer's weights, bias and "
+              "steps to its fp32 output). Core pass names may "
               "be listed: 'calibration' alone runs no corrections.")
 @click.option("--exclude", default=None, help="Regex: nodes whose name or op type matches stay float.")
 @click.option("--target", type=click.Choice(["ort-cpu", "ort-cpu-avx2", "ort-cpu-vnni"]), default="ort-cpu",

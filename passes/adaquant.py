@@ -183,7 +183,7 @@ class AdaQuantPass:
                         write_back(state, layer, problem, result)
                         report.append(_report_row(layer, ios[layer.node], problem, result, seconds))
         state.report.passes.append({"name": self.name, "layers": report})
-        ratios = [r["vs_rtn"] for r in report if r["vs_rtn"] is not None]
+        ratios = [r["vs_rtn"] for r in report if r["vs_rtn"] is not None] or [1.0]
         state.report.note(self.name, f"{len(report)} layers, mode {self.mode}, {self.iterations} iterations × "
                                      f"≤{self.batch} rows; layer loss vs round-to-nearest: median "
                                      f"×{statistics.median(ratios):.3f}, worst ×{max(ratios):.3f}; "

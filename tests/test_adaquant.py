@@ -8,13 +8,13 @@ import onnxptq
 from conftest import cnn
 from onnxptq import pipelines
 from onnxptq.api import PIPELINE
-from onnxptq.capture import capture
+from onnxptq.capture import capture, layer_io
 from onnxptq.kernels.adaquant import (LayerProblem, Rounding, Settings, fit, full_loss, loss_and_grad, offsets,
                                       ste_quantize)
 from onnxptq.kernels.im2col import channels_last_rows, conv_pads, im2col
-from onnxptq.kernels.quant import broadcast_channel, dequantize
+from onnxptq.kernels.quant import broadcast_channel, dequantize, quantize
 from onnxptq.kernels.saturation import pairs_fit, reduction_rows
-from onnxptq.passes.adaquant import AdaQuantPass, movable_input_step, output_bound
+from onnxptq.passes.adaquant import AdaQuantPass, layer_problem, movable_input_step, output_bound
 from onnxptq.passes.bn_reestimate import weight_codes
 from onnxptq.passes.emission import emit_model
 from test_corrections import emitted_codes
@@ -206,7 +206,11 @@ def test_pass_writes_exact_codes_and_lowers_each_layers_loss(rng, w_bits):
     assert any(r["loss"] < 0.9 * r["rtn_loss"] for r in rows), rows
     codes = emitted_codes(state)
     for name, layer in state.plan.layers.items():
-        if layer.grid.block_size:
+        grid = layer.grid
+        if grid.block_size:  # int4 MatMulNBits: one step per (block of K, column)
+            w_kn = layer.weight if grid.axis == 0 else layer.weight.T
+            step = np.repeat(grid.scale, grid.block_size, axis=0)[:w_kn.shape[0]]
+            np.testing.assert_array_equal(dequantize(quantize(w_kn, step, 0, grid.low, grid.qmax), step, 0), w_kn)
             continue
         assert np.abs(codes[name]).max() <= layer.grid.qmax
         # the plan's float weight is exactly codes × scale: emission divides it back without loss
@@ -227,6 +231,16 @@ def test_input_step_moves_only_for_a_sole_consumer(rng):
     after = {name: state.plan.act_params(layer.input_name) for name, layer in state.plan.layers.items()}
     assert after["conv2"] == before["conv2"]
     assert all(after[n][1] == before[n][1] for n in after), "zero points stay"
+
+
+def test_weights_stay_where_rows_cannot_pin_them(rng):
+    """fc reads K = 8 inputs per channel: 15 rows fit its steps and bias only, 16 rows its weights too."""
+    state = planned_cnn(rng, w_bits=8)
+    fc = state.plan.layers["fc"]
+    io = layer_io(next(n for n in state.model.graph if n.name == "fc"), fc)
+    for count, weights in ((15, False), (16, True)):
+        p = layer_problem(state, fc, io, rng.standard_normal((count, 10)).astype(np.float32))
+        assert p.learning()["v"] is weights and p.learning()["w_scale"] and p.learning()["bias"]
 
 
 def test_loss_is_taken_after_the_absorbed_activation(rng):
