@@ -26,6 +26,7 @@ from onnxptq.graph import attr, const
 from onnxptq.kernels.im2col import channels_last_rows, conv_pads, im2col
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.passes.calibration import with_outputs
+from onnxptq.passes.layer_moments import outputs_named
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
 
@@ -103,20 +104,28 @@ def layer_io(node: ir.Node, layer: LayerPlan) -> LayerIO:
 
 
 def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerIO], A],
-            max_rows: int = 4096, description: str = "capture") -> dict[str, A]:
-    """Run the fused fp32 model over the calibration batches and stream every layer's (X, Y) rows
-    into its accumulator ``make(io)``; returns node name → accumulator."""
+            max_rows: int = 4096, description: str = "capture", source: ir.Model | None = None,
+            level: str = "basic") -> dict[str, A]:
+    """Run the fused fp32 model (or ``source``, a model with the same tensor names, such as the QDQ
+    model of the plan, at optimization ``level``) over the calibration batches and stream every
+    layer's (X, Y) rows into its accumulator ``make(io)``; returns node name → accumulator.
+
+    The rows sampled from batch b of layer l depend only on (seed, b, l's position in the plan), so
+    two captures from different models pick the same rows (inputs from one, targets from the other)."""
     nodes = {n.name: n for n in state.model.graph}
     ios = [layer_io(nodes[layer.node], layer) for layer in layers]
     accumulators = {io.node: make(io) for io in ios}
     graph_inputs = {v.name for v in state.model.graph.inputs}
     names = list(dict.fromkeys(n for io in ios for n in (io.input, io.output) if n not in graph_inputs))
-    sess = runtime.session(with_outputs(state.model, names), threads=state.options.threads, level="basic")
-    rng = np.random.default_rng(state.options.seed)
+    model = with_outputs(state.model, names) if source is None else outputs_named(source, names)
+    sess = runtime.session(model, threads=state.options.threads, level=level)
+    order = {name: i for i, name in enumerate(state.plan.layers)}
     batch = state.options.batch_size
-    for feed in state.progress.track(state.calib.batches(batch), description, -(-len(state.calib) // batch)):
+    batches = state.calib.batches(batch)
+    for b, feed in enumerate(state.progress.track(batches, description, -(-len(state.calib) // batch))):
         tensors = {**feed, **dict(zip(names, sess.run(names, feed)))}
         for io in ios:
+            rng = np.random.default_rng([state.options.seed, b, order[io.node]])
             accumulators[io.node].update(*io.rows(tensors[io.input], tensors[io.output], rng, max_rows))
     return accumulators
 

@@ -91,10 +91,12 @@ def cli() -> None:
               help="rtn: round to nearest; bitsplit: fit 2–4-bit weights to each layer's response (BitSplit).")
 @click.option("--pipeline", default="light", show_default=True,
               help="Correction passes between the weight grids and emission: light (= bn-reestimate:layers=hidden,"
-              "bias-correction), advanced (not available yet), or a spec of comma-separated passes, each with "
+              "bias-correction), advanced (adaquant, then light), or a spec of comma-separated passes, each with "
               "optional :key=value options, run in the order given: bn-reestimate[:target=fp32|bn][:layers=bn|hidden] "
               "(match the per-channel mean/std of each BN-folded, or each hidden, layer's output to the fp32 model's, "
-              "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error). Core pass names may "
+              "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error), "
+              "adaquant[:mode=parallel|sequential][:iterations=N][:workers=N] (fit each layer's weights, bias and "
+              "steps to its fp32 output). Core pass names may "
               "be listed: 'calibration' alone runs no corrections.")
 @click.option("--exclude", default=None, help="Regex: nodes whose name or op type matches stay float.")
 @click.option("--target", type=click.Choice(["ort-cpu", "ort-cpu-size", "ort-cpu-avx2", "ort-cpu-vnni", "generic-qdq"]),

@@ -50,9 +50,15 @@ def output_channels(layer: LayerPlan) -> int:
 
 def _outputs_of(model: ir.Model, nodes: list[str]) -> onnx.ModelProto:
     """``model`` (changed in place) reduced to computing the first outputs of the named nodes."""
+    by_name = {n.name: n for n in model.graph}
+    return outputs_named(model, [by_name[name].outputs[0].name for name in nodes])
+
+
+def outputs_named(model: ir.Model, names: list[str]) -> onnx.ModelProto:
+    """``model`` (changed in place) reduced to computing the named values (float32)."""
     graph = model.graph
-    by_name = {n.name: n for n in graph}
-    outputs = [by_name[name].outputs[0] for name in nodes]
+    values = {v.name: v for n in graph for v in n.outputs}
+    outputs = [values[name] for name in names]
     for value in outputs:
         if value.type is None:
             value.type = ir.TensorType(ir.DataType.FLOAT)
@@ -62,7 +68,7 @@ def _outputs_of(model: ir.Model, nodes: list[str]) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def _integer_level(state: CompileState) -> str:
+def integer_level(state: CompileState) -> str:
     """"all" (integer kernels) when this host's kernels give the target's results: the target's
     weights are int16-pair-safe or the host accumulates u8×s8 in int32; else "basic" (float QDQ)."""
     exact = resolve_target(state.options.target).int16_pairs or host_has_int32_dot()
@@ -88,7 +94,7 @@ def fp32_moments(state: CompileState, layers: list[str]) -> dict[str, ChannelMom
 
 def quantized_moments(state: CompileState, layers: list[str]) -> dict[str, ChannelMoments]:
     """Per-channel moments of each named layer's output in the QDQ model of the current plan."""
-    return _moments(state, emit_model(state.model, state.plan), layers, _integer_level(state))
+    return _moments(state, emit_model(state.model, state.plan), layers, integer_level(state))
 
 
 def depth_levels(graph: ir.Graph, layers: Iterable[str]) -> dict[str, int]:

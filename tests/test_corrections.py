@@ -165,7 +165,7 @@ def test_depth_levels_put_parallel_branches_on_one_level(rng):
     ("bn-reestimate:eps=1", "bad option 'eps=1'"),
     ("bn-reestimate:layers=hidden:target=bn", "layers=hidden needs target=fp32"),
     ("bias-correction:x=1", "options of bias-correction: none"),
-    ("advanced", "not implemented yet"),
+    ("adaquant:mode=serial", "mode must be parallel or sequential"),
 ])
 def test_spec_errors_are_one_line(spec, needle):
     with pytest.raises(InputError) as err:
@@ -212,6 +212,6 @@ def test_cli_pipeline_flag(bn_model, tmp_path, capsys):
     np.savez(tmp_path / "c.npz", x=x)
     args = ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "q.onnx"), "-q"]
     assert main(args + ["--pipeline", "calibration,bias-correction"]) == 0
-    assert main(args + ["--pipeline", "calibration,adaquant"]) == 2
+    assert main(args + ["--pipeline", "calibration,adaround"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown pass 'adaquant'" in err[0]
+    assert len(err) == 1 and "unknown pass 'adaround'" in err[0]
