@@ -72,6 +72,11 @@ CONFIGS = {
     "onnxptq W4A8 +bias": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bias-correction"}),
     "onnxptq W4A8 +bn": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=hidden"}),
     "onnxptq W4A8 +bn+bias": (_compile_onnxptq, {"w_bits": 4, "pipeline": "light"}),
+    "onnxptq mixed size 0.13": (_compile_onnxptq, {"size_ratio": 0.13}),
+    "onnxptq mixed size 0.16": (_compile_onnxptq, {"size_ratio": 0.16}),
+    "onnxptq mixed size 0.25": (_compile_onnxptq, {"size_ratio": 0.25}),
+    "onnxptq mixed size 0.26": (_compile_onnxptq, {"size_ratio": 0.26}),
+    "onnxptq mixed bops 1/32": (_compile_onnxptq, {"bops_ratio": 1 / 32}),  # uniform W4A8's BOPs
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
 }

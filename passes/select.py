@@ -115,7 +115,16 @@ def from_integers(graph: ir.Graph) -> set[str]:
 
 
 class SelectPass:
+    """``bits``: per-layer weight bits by node name (None keeps the layer float), overriding ``--w-bits``
+    for the named layers (mixed precision re-plans with it)."""
+
     name = "select"
+
+    def __init__(self, bits: dict[str, int | None] | None = None):
+        self.bits = bits or {}
+
+    def _bits(self, state: CompileState, node: ir.Node) -> int | None:
+        return self.bits.get(node.name, state.options.w_bits)
 
     def run(self, state: CompileState) -> None:
         opts = state.options
@@ -148,6 +157,8 @@ class SelectPass:
             want(out)
 
         def skipped(node: ir.Node) -> bool:
+            if node.op_type in COMPUTE and self._bits(state, node) is None:
+                return True
             return bool(exclude and (exclude.search(node.name or "") or exclude.search(node.op_type)))
 
         # Which nodes run quantized is decided first, so a layer knows whether its consumers do.
@@ -158,7 +169,7 @@ class SelectPass:
         pinned: set[str] = statistics(graph)
         masks = from_integers(graph)
         for node in graph:
-            int4 = opts.w_bits == 4 and node.op_type in ("MatMul", "Gemm") and _weight_axis(node) is not None
+            int4 = self._bits(state, node) == 4 and node.op_type in ("MatMul", "Gemm") and _weight_axis(node) is not None
             if (int4 or self._runs_quantized(node, pinned, masks)) and not skipped(node):
                 quantized[node.name] = node.op_type
                 if int4:  # MatMulNBits: float in, float out; a Q/DQ on either side blocks the fusion
@@ -225,22 +236,11 @@ class SelectPass:
             return all(_is_float(v) for v in node.inputs)
         return False
 
-    @staticmethod
-    def _plan_layer(state: CompileState, node: ir.Node, axis: int, qmax8: int) -> None:
-        opts = state.options
+    def _plan_layer(self, state: CompileState, node: ir.Node, axis: int, qmax8: int) -> None:
         w = const(node.inputs[1])
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
-        if opts.w_bits == 8:
-            grid = WeightGrid(bits=8, qmax=qmax8, axis=axis)
-        elif opts.w_bits in (2, 3) or (opts.w_bits == 4 and node.op_type == "Conv"):
-            grid = WeightGrid(bits=opts.w_bits, qmax=2 ** (opts.w_bits - 1) - 1, axis=axis)
-        elif opts.w_bits == 4:
-            # Blocked along the reduction axis K: axis 0 of a [K, N] weight, axis 1 of a transB Gemm's
-            # [N, K] (emission transposes it, as MatMulNBits wants B as [K, N]).
-            k_axis = 1 if node.op_type == "Gemm" and attr(node, "transB", 0) else 0
-            grid = WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, block_size=opts.block_size, storage="int4")
-        else:
-            raise InputError(f"--w-bits {opts.w_bits} is not supported; use 8, 4, 3 or 2")
+        transposed = node.op_type == "Gemm" and bool(attr(node, "transB", 0))
+        grid = weight_grid(node.op_type, self._bits(state, node), axis, transposed, qmax8, state.options.block_size)
         state.plan.layers[node.name] = LayerPlan(
             node=node.name, op_type=node.op_type, weight_name=node.inputs[1].name,
             weight=w.copy(), grid=grid, input_name=node.inputs[0].name,
@@ -248,3 +248,18 @@ class SelectPass:
             bias=None if bias_v is None else const(bias_v).copy(),
             bn=state.plan.folded_bn.get(node.name),
             activation_input=grid.storage != "int4")
+
+
+def weight_grid(op_type: str, bits: int, axis: int, transposed: bool, qmax8: int, block_size: int) -> WeightGrid:
+    """The (unscaled) weight grid of a layer at ``bits``: see the module doc for which storage each
+    op gets. ``axis`` is the output-channel axis; ``transposed`` marks a transB Gemm."""
+    if bits == 8:
+        return WeightGrid(bits=8, qmax=qmax8, axis=axis)
+    if bits in (2, 3) or (bits == 4 and op_type == "Conv"):
+        return WeightGrid(bits=bits, qmax=2 ** (bits - 1) - 1, axis=axis)
+    if bits == 4:
+        # Blocked along the reduction axis K: axis 0 of a [K, N] weight, axis 1 of a transB Gemm's
+        # [N, K] (emission transposes it, as MatMulNBits wants B as [K, N]).
+        return WeightGrid(bits=4, qmax=7, qmin=-8, axis=1 if transposed else 0, block_size=block_size,
+                          storage="int4")
+    raise InputError(f"--w-bits {bits} is not supported; use 8, 4, 3 or 2")

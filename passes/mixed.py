@@ -1,0 +1,299 @@
+"""Mixed precision: each layer's bit-widths chosen by an integer program under one budget.
+
+Runs after the weight grids (on the 8-bit plan every layer starts from) and before the corrections,
+which then correct the chosen mix. Candidates (``--candidates``, default ``w8a8,w4a8,w3a8,w2a8,float``)
+give weight and activation bits separately, or keep the layer float. For every planned layer l and
+candidate c:
+
+* ΔL(l, c) — the sensitivity of ``passes/sensitivity.py`` (distance of the outputs to fp32 with only
+  layer l at c, on a fixed calibration subset); 0 for float;
+* bytes(l, c) — the layer's weight and bias payload as emission stores it (``kernels/storage.py``);
+* BOPs(l, c) = MACs_l · w_bits · a_bits, float counting 32 · 32 (int4 MatMulNBits counts a_bits 8:
+  onnxruntime runs it at accuracy level 4, int8 activations inside the kernel).
+
+The program (``kernels/allocation.py``), with x_{l,c} one-hot per layer:
+
+* ``--size-ratio R``:  min Σ ΔL  s.t.  F + Σ bytes(l, c) ≤ R · (fp32 file bytes), where F, the rest of
+  the file (activation grids, graph, metadata), is measured on the emitted 8-bit model. The chosen
+  plan is then emitted in memory and measured; if the file is over budget (headers the payload count
+  leaves out), the limit drops by the excess and the program is solved again.
+* ``--bops-ratio R``:  min Σ ΔL  s.t.  Σ BOPs ≤ R · Σ_l MACs_l · 32 · 32 (the fp32 model's BOPs).
+* ``--max-drop D``:    min Σ bytes (ties broken by fewer BOPs)  s.t.  Σ ΔL ≤ D, D in ΔL's units.
+
+An infeasible budget is an input error naming the smallest achievable value. The chosen bits are
+written back by re-running selection with per-layer bits (a float layer leaves the plan with the
+Q/DQ pairs only it needed; a 4-bit MatMul/Gemm, stored int4 for MatMulNBits, loses its input pair),
+float being offered only to layers that selection can keep float alone (``alone_float``),
+with the calibrated ranges and the grids fitted for the sensitivity. Layers that can take a bias
+(Conv, Gemm) get a zero one first, so the byte count holds whatever corrections add later.
+
+The report (``mixed``) lists per layer the choice and every candidate's ΔL, bytes and BOPs, and the
+additivity check: the predicted Σ ΔL against ΔL measured with all choices at once on the same probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxptq.errors import InputError
+from onnxptq.graph import attr
+from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
+from onnxptq.kernels.storage import stored_bytes
+from onnxptq.passes.bias_correction import give_bias
+from onnxptq.passes.emission import output_model
+from onnxptq.passes.layer_moments import output_channels
+from onnxptq.passes.select import SelectPass, weight_grid
+from onnxptq.passes.sensitivity import Reference, build_probe, layer_change, reference, subset
+from onnxptq.passes.weights import WeightGridPass
+from onnxptq.plan import LayerPlan, QuantPlan
+from onnxptq.state import CompileOptions, CompileState, Report
+from onnxptq.target import resolve_target
+
+FLOAT_BITS = 32
+WEIGHT_BITS = (8, 4, 3, 2)
+ACTIVATION_BITS = (8,)  # 4-bit activations arrive with the 4-bit encodings
+BUDGETS = ("size_ratio", "bops_ratio", "max_drop")
+SIZE_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layer's precision: weight and activation bits, or float (both None)."""
+
+    w_bits: int | None
+    a_bits: int | None
+
+    @property
+    def label(self) -> str:
+        return "float" if self.w_bits is None else f"w{self.w_bits}a{self.a_bits}"
+
+    @property
+    def bops_per_mac(self) -> int:
+        return (self.w_bits or FLOAT_BITS) * (self.a_bits or FLOAT_BITS)
+
+
+def parse_candidates(text: str) -> list[Candidate]:
+    """``w8a8,w4a8,float`` → candidates; ``w4`` alone means ``w4a8``."""
+    found: list[Candidate] = []
+    for token in (t.strip().lower() for t in text.split(",")):
+        match = re.fullmatch(r"w(\d+)(?:a(\d+))?", token)
+        if token == "float":
+            cand = Candidate(None, None)
+        elif match and int(match[1]) in WEIGHT_BITS and int(match[2] or 8) in ACTIVATION_BITS:
+            cand = Candidate(int(match[1]), int(match[2] or 8))
+        else:
+            raise InputError(f"--candidates: bad candidate {token!r}; use comma-separated wNaM (weight bits N in "
+                             f"{', '.join(map(str, WEIGHT_BITS))}, activation bits M = 8) or float, "
+                             "e.g. w8a8,w4a8,float")
+        if cand in found:
+            raise InputError(f"--candidates lists {token!r} twice")
+        found.append(cand)
+    return found
+
+
+def budget_of(options: CompileOptions) -> str | None:
+    """The budget option set (size_ratio, bops_ratio or max_drop), None without one; checks the
+    options mixed precision cannot combine with, before any work is done."""
+    given = [b for b in BUDGETS if getattr(options, b) is not None]
+    if not given:
+        return None
+    flags = ", ".join("--" + b.replace("_", "-") for b in given)
+    if len(given) > 1:
+        raise InputError(f"give one mixed-precision budget, not {flags}")
+    value = getattr(options, given[0])
+    if value <= 0 or (given[0] != "max_drop" and value > 1):
+        raise InputError(f"{flags} must be in (0, 1] (a fraction of the fp32 model's)" if given[0] != "max_drop"
+                         else f"{flags} must be positive")
+    if options.w_bits != 8:
+        raise InputError(f"{flags} picks each layer's bits from --candidates; leave --w-bits at 8")
+    if options.weight_solver != "rtn":
+        raise InputError(f"{flags} cannot be combined with --weight-solver {options.weight_solver} yet; use rtn")
+    parse_candidates(options.candidates)
+    return given[0]
+
+
+def dominated(candidates: list[Candidate], cost: np.ndarray) -> np.ndarray:
+    """[layers, candidates]: True where another candidate of the layer has more weight bits, the same
+    activation bits and no more cost (a 2-bit Conv stored as int8 codes costs the bytes of an 8-bit
+    one). Such candidates are not measured: more bits are assumed never to lose more."""
+    out = np.zeros(cost.shape, bool)
+    for j, c in enumerate(candidates):
+        for k, other in enumerate(candidates):
+            if c.w_bits is not None and other.w_bits is not None and other.w_bits > c.w_bits \
+                    and other.a_bits == c.a_bits:
+                out[:, j] |= cost[:, k] <= cost[:, j]
+    return out
+
+
+def alone_float(state: CompileState, layers: list[str]) -> set[str]:
+    """The layers that can be kept float without taking others along. Selection keeps a float layer's
+    output float (else onnxruntime would fuse the layer anyway), so in a chain of Conv layers the next
+    one, reading that float tensor, turns float too; the program prices each layer alone, so float is
+    offered only where selection with that one layer float still plans every other layer."""
+    alone = set()
+    for name in layers:
+        scratch = dataclasses.replace(state, plan=QuantPlan(folded_bn=state.plan.folded_bn, bounds=state.plan.bounds),
+                                      report=Report())
+        try:
+            SelectPass({name: None}).run(scratch)
+        except InputError:  # no layer left at all
+            pass
+        if set(scratch.plan.layers) == set(layers) - {name}:
+            alone.add(name)
+    return alone
+
+
+def replan(state: CompileState, old: QuantPlan, grids: dict[str, LayerPlan | None]) -> None:
+    """Replace the plan by selection at the chosen per-layer bits (None: float), reusing ``old``'s
+    calibrated ranges and the chosen candidates' fitted grids."""
+    state.plan = QuantPlan(folded_bn=old.folded_bn, bounds=old.bounds)
+    SelectPass({name: None if g is None else g.grid.bits for name, g in grids.items()}).run(state)
+    for name, act in state.plan.activations.items():
+        # a tensor that was tied (say a Reshape after a layer now kept float) takes its old root's range
+        source = old.root(name)
+        act.lo, act.hi = source.lo, source.hi
+    for name, layer in state.plan.layers.items():
+        layer.grid = dataclasses.replace(grids[name].grid)
+
+
+class MixedPrecisionPass:
+    name = "mixed-precision"
+
+    def run(self, state: CompileState) -> None:
+        budget = budget_of(state.options)
+        if budget is None:
+            return
+        opts = state.options
+        candidates = parse_candidates(opts.candidates)
+        layers = list(state.plan.layers.values())
+        for layer in layers:
+            give_bias(state, layer)
+        fitted = self._fit(state, layers, candidates)
+        alone = alone_float(state, [l.node for l in layers]) if Candidate(None, None) in candidates else set()
+        unavailable = np.array([[c.w_bits is None and l.node not in alone for c in candidates] for l in layers])
+        ref = reference(state.model, state.plan, subset(state.calib), opts.threads)
+        size = np.array([[stored_bytes(l.weight.size, output_channels(l), None if f is None else f.grid,
+                                       l.bias is not None) for f in fitted[l.node]] for l in layers], np.float64)
+        macs = np.array([ref.macs[l.node] for l in layers], np.float64)
+        bops = macs[:, None] * np.array([c.bops_per_mac for c in candidates], np.float64)[None, :]
+        cost = {"size_ratio": size, "bops_ratio": bops,
+                "max_drop": size + bops / max(bops.max() * len(layers), 1.0)}[budget]  # bytes, ties by BOPs
+        old = state.plan
+        fp32_bytes = state.source.ByteSize()
+        fixed = output_model(state).ByteSize() - sum(
+            stored_bytes(l.weight.size, output_channels(l), l.grid, l.bias is not None) for l in layers)
+        limit = {"size_ratio": lambda: opts.size_ratio * fp32_bytes - fixed,
+                 "bops_ratio": lambda: opts.bops_ratio * macs.sum() * FLOAT_BITS**2,
+                 "max_drop": lambda: opts.max_drop}[budget]()
+        infeasible = Infeasible(smallest_total(np.where(unavailable, np.nan, cost)))
+        if budget != "max_drop" and limit < infeasible.smallest:  # known before measuring anything
+            raise InputError(self._infeasible(budget, infeasible, fixed, fp32_bytes, macs, candidates))
+        loss = self._sensitivity(state, fitted, dominated(candidates, cost) | unavailable, ref)
+        tables = (cost, loss) if budget == "max_drop" else (loss, cost)
+        for attempt in range(SIZE_RETRIES):
+            try:
+                choice = self._solve(budget, tables, limit, fixed, fp32_bytes, macs, candidates)
+            except InputError:
+                if attempt == 0:
+                    raise
+                raise InputError(f"--size-ratio {opts.size_ratio}: the emitted file ({emitted / fp32_bytes:.4f}× of "
+                                 "fp32) is larger than the program counted and no choice fits the corrected "
+                                 "limit; raise --size-ratio") from None
+            if all(candidates[c].w_bits is None for c in choice):
+                raise InputError(f"--{budget.replace('_', '-')} {getattr(opts, budget)} keeps every layer float, "
+                                 "so there is nothing to quantize; loosen it")
+            replan(state, old, {l.node: fitted[l.node][c] for l, c in zip(layers, choice)})
+            emitted = output_model(state).ByteSize()
+            if budget != "size_ratio" or emitted <= opts.size_ratio * fp32_bytes:
+                break
+            limit -= emitted - opts.size_ratio * fp32_bytes
+        else:
+            raise InputError(f"--size-ratio {opts.size_ratio}: the emitted model stays at "
+                             f"{emitted / fp32_bytes:.4f}× after {SIZE_RETRIES} tries; raise the budget slightly")
+        rows = np.arange(len(layers))
+        joint = build_probe(state.model, state.plan, list(state.plan.layers), ref, opts.threads).distance(
+            {name: layer_change(layer) for name, layer in state.plan.layers.items()})
+        state.report.mixed = {
+            "budget": {budget: getattr(opts, budget)}, "candidates": [c.label for c in candidates],
+            "samples": len(ref.outputs[0]) if ref.outputs else 0,
+            "predicted_loss": float(loss[rows, choice].sum()), "measured_loss": joint,
+            "size_ratio": round(emitted / fp32_bytes, 6), "other_bytes": int(fixed), "fp32_bytes": fp32_bytes,
+            "bops_ratio": float(bops[rows, choice].sum() / (macs.sum() * FLOAT_BITS**2)),
+            "layers": [{"node": l.node, "op": l.op_type, "choice": candidates[c].label,
+                        "loss": {cand.label: None if np.isnan(loss[i, j]) else float(loss[i, j])
+                                 for j, cand in enumerate(candidates)},
+                        "bytes": {cand.label: int(size[i, j]) for j, cand in enumerate(candidates)},
+                        "macs": int(macs[i])} for i, (l, c) in enumerate(zip(layers, choice))],
+        }
+        counts = {cand.label: int((choice == j).sum()) for j, cand in enumerate(candidates)}
+        state.report.note(self.name, f"{budget.replace('_', ' ')} {getattr(opts, budget)}: "
+                          + ", ".join(f"{k} ×{n}" for k, n in counts.items() if n)
+                          + f"; ΔL predicted {state.report.mixed['predicted_loss']:.4g}, measured jointly "
+                            f"{joint:.4g} on {state.report.mixed['samples']} samples; emitted {emitted / fp32_bytes:.4f}× fp32 bytes")
+
+    @staticmethod
+    def _sensitivity(state: CompileState, fitted: dict[str, list], skip: np.ndarray, ref: Reference) -> np.ndarray:
+        """ΔL per layer and candidate: 0 for float, NaN where ``skip`` (not measured, not chosen)."""
+        loss = np.full(skip.shape, np.nan)
+        for i, (name, row) in enumerate(state.progress.track(fitted.items(), "mixed precision: sensitivity",
+                                                             len(fitted))):
+            measure = [j for j, fit in enumerate(row) if fit is not None and not skip[i, j]]
+            loss[i, [j for j, fit in enumerate(row) if fit is None and not skip[i, j]]] = 0.0
+            if measure:
+                probe = build_probe(state.model, state.plan, [name], ref, state.options.threads)
+                for j in measure:
+                    loss[i, j] = probe.distance({name: layer_change(row[j])})
+        return loss
+
+    @staticmethod
+    def _fit(state: CompileState, layers: list[LayerPlan], candidates: list[Candidate]) -> dict[str, list]:
+        """Per layer, per candidate: a copy of the layer on the candidate's fitted grid (None: float)."""
+        target = resolve_target(state.options.target)
+        nodes = {n.name: n for n in state.model.graph}
+        fitted = {}
+        for layer in layers:
+            node = nodes[layer.node]
+            transposed = layer.op_type == "Gemm" and bool(attr(node, "transB", 0))
+            row = []
+            for cand in candidates:
+                if cand.w_bits is None:
+                    row.append(None)
+                    continue
+                grid = weight_grid(layer.op_type, cand.w_bits, layer.grid.axis, transposed, target.weight_qmax8,
+                                   state.options.block_size)
+                copy = dataclasses.replace(layer, grid=grid, activation_input=grid.storage != "int4")
+                WeightGridPass.fit(state, copy, state.options.weight_method, target.int16_pairs,
+                                   attr(node, "group", 1))
+                row.append(copy)
+            fitted[layer.node] = row
+        return fitted
+
+    @staticmethod
+    def _solve(budget: str, tables: tuple[np.ndarray, np.ndarray], limit: float, fixed: float, fp32_bytes: int,
+               macs: np.ndarray, candidates: list[Candidate]) -> np.ndarray:
+        try:
+            return allocate(*tables, limit)
+        except Infeasible as exc:
+            raise InputError(MixedPrecisionPass._infeasible(budget, exc, fixed, fp32_bytes, macs, candidates)) from None
+
+    @staticmethod
+    def _infeasible(budget: str, exc: Infeasible, fixed: float, fp32_bytes: int, macs: np.ndarray,
+                    candidates: list[Candidate]) -> str:
+        """The one-line message for a budget below the smallest achievable value ``exc.smallest``."""
+        labels = ",".join(c.label for c in candidates)
+        if budget == "size_ratio":
+            return (f"--size-ratio is below the smallest file these candidates ({labels}) reach: "
+                    f"{(fixed + exc.smallest) / fp32_bytes:.4f}× of the fp32 bytes (Conv weights of 4 bits and less "
+                    "are stored as int8 codes); raise --size-ratio to at least that")
+        if budget == "bops_ratio":
+            return (f"--bops-ratio is below the smallest these candidates ({labels}) reach: "
+                    f"{exc.smallest / (macs.sum() * FLOAT_BITS**2):.5f} of the fp32 BOPs; raise it to at least that "
+                    "or add lower-bit candidates")
+        hint = ("float is offered only to layers that can be kept float alone" if "float" in labels
+                else "or add float to --candidates")
+        return (f"--max-drop is below the smallest predicted loss these candidates ({labels}) reach: "
+                f"{exc.smallest:.6g}; raise it ({hint})")
