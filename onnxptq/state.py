@@ -39,6 +39,7 @@ class CompileOptions:
     bops_ratio: float | None = None
     max_drop: float | None = None
     candidates: str = "w8a8,w4a8,w3a8,w2a8,float"
+    sweep: str | None = None  # a folder: also solve a range of budgets, write pareto.md and pareto.png there
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,8 +34,10 @@ additivity check: the predicted Σ ΔL against ΔL measured with all choices at 
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +45,7 @@ from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
 from onnxptq.kernels.storage import stored_bytes
+from onnxptq.model_io import write_atomic
 from onnxptq.passes.bias_correction import give_bias
 from onnxptq.passes.emission import output_model
 from onnxptq.passes.layer_moments import output_channels
@@ -58,6 +61,7 @@ WEIGHT_BITS = (8, 4, 3, 2)
 ACTIVATION_BITS = (8,)  # 4-bit activations arrive with the 4-bit encodings
 BUDGETS = ("size_ratio", "bops_ratio", "max_drop")
 SIZE_RETRIES = 3
+SWEEP_POINTS = 8
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ def parse_candidates(text: str) -> list[Candidate]:
         if cand in found:
             raise InputError(f"--candidates lists {token!r} twice")
         found.append(cand)
+    if all(c.w_bits is None for c in found):
+        raise InputError("--candidates needs at least one quantized candidate (wNaM), e.g. w8a8,float")
     return found
 
 
@@ -160,6 +166,41 @@ def replan(state: CompileState, old: QuantPlan, grids: dict[str, LayerPlan | Non
         layer.grid = dataclasses.replace(grids[name].grid)
 
 
+@dataclass
+class Tables:
+    """Everything the program needs, per layer (rows) and candidate (columns); ``cost`` is the table
+    the budget bounds (bytes, BOPs, or for ``max_drop`` bytes with BOPs as tie-break), ``fixed`` the
+    file bytes outside layer payloads, ``old`` the 8-bit plan the choices are re-planned from."""
+
+    budget: str
+    candidates: list[Candidate]
+    layers: list[LayerPlan]
+    fitted: dict[str, list]
+    loss: np.ndarray
+    size: np.ndarray
+    bops: np.ndarray
+    macs: np.ndarray
+    cost: np.ndarray
+    fixed: float
+    fp32_bytes: int
+    old: QuantPlan
+    ref: Reference
+
+    def limit(self, value: float) -> float:
+        """The budget option's ``value`` as a limit on the program's constrained total."""
+        return {"size_ratio": value * self.fp32_bytes - self.fixed,
+                "bops_ratio": value * self.macs.sum() * FLOAT_BITS**2, "max_drop": value}[self.budget]
+
+    def program(self) -> tuple[np.ndarray, np.ndarray]:
+        """(objective, constrained) tables of ``allocate``."""
+        return (self.cost, self.loss) if self.budget == "max_drop" else (self.loss, self.cost)
+
+    def summary(self, choice: np.ndarray) -> dict[str, float]:
+        rows = np.arange(len(self.layers))
+        return {"predicted_loss": float(self.loss[rows, choice].sum()),
+                "bops_ratio": float(self.bops[rows, choice].sum() / (self.macs.sum() * FLOAT_BITS**2))}
+
+
 class MixedPrecisionPass:
     name = "mixed-precision"
 
@@ -167,6 +208,32 @@ class MixedPrecisionPass:
         budget = budget_of(state.options)
         if budget is None:
             return
+        opts = state.options
+        t = self._tables(state, budget)
+        if opts.sweep:
+            write_sweep(opts.sweep, budget, self._sweep(state, t))
+        choice, emitted = self._apply(state, t, getattr(opts, budget))
+        joint = self._joint(state, t)
+        candidates, layers, loss = t.candidates, t.layers, t.loss
+        state.report.mixed = {
+            "budget": {budget: getattr(opts, budget)}, "candidates": [c.label for c in candidates],
+            "samples": len(t.ref.outputs[0]) if t.ref.outputs else 0, **t.summary(choice), "measured_loss": joint,
+            "size_ratio": round(emitted / t.fp32_bytes, 6), "other_bytes": int(t.fixed), "fp32_bytes": t.fp32_bytes,
+            "layers": [{"node": l.node, "op": l.op_type, "choice": candidates[c].label,
+                        "loss": {cand.label: None if np.isnan(loss[i, j]) else float(loss[i, j])
+                                 for j, cand in enumerate(candidates)},
+                        "bytes": {cand.label: int(t.size[i, j]) for j, cand in enumerate(candidates)},
+                        "macs": int(t.macs[i])} for i, (l, c) in enumerate(zip(layers, choice))],
+        }
+        counts = {cand.label: int((choice == j).sum()) for j, cand in enumerate(candidates)}
+        state.report.note(self.name, f"{budget.replace('_', ' ')} {getattr(opts, budget)}: "
+                          + ", ".join(f"{k} ×{n}" for k, n in counts.items() if n)
+                          + f"; ΔL predicted {state.report.mixed['predicted_loss']:.4g}, measured jointly "
+                            f"{joint:.4g} on {state.report.mixed['samples']} samples; emitted "
+                            f"{emitted / t.fp32_bytes:.4f}× fp32 bytes")
+
+    def _tables(self, state: CompileState, budget: str) -> Tables:
+        """Fit every candidate's grid, price it, check the budget can be met, then measure ΔL."""
         opts = state.options
         candidates = parse_candidates(opts.candidates)
         layers = list(state.plan.layers.values())
@@ -182,58 +249,66 @@ class MixedPrecisionPass:
         bops = macs[:, None] * np.array([c.bops_per_mac for c in candidates], np.float64)[None, :]
         cost = {"size_ratio": size, "bops_ratio": bops,
                 "max_drop": size + bops / max(bops.max() * len(layers), 1.0)}[budget]  # bytes, ties by BOPs
-        old = state.plan
-        fp32_bytes = state.source.ByteSize()
         fixed = output_model(state).ByteSize() - sum(
             stored_bytes(l.weight.size, output_channels(l), l.grid, l.bias is not None) for l in layers)
-        limit = {"size_ratio": lambda: opts.size_ratio * fp32_bytes - fixed,
-                 "bops_ratio": lambda: opts.bops_ratio * macs.sum() * FLOAT_BITS**2,
-                 "max_drop": lambda: opts.max_drop}[budget]()
-        infeasible = Infeasible(smallest_total(np.where(unavailable, np.nan, cost)))
-        if budget != "max_drop" and limit < infeasible.smallest:  # known before measuring anything
-            raise InputError(self._infeasible(budget, infeasible, fixed, fp32_bytes, macs, candidates))
-        loss = self._sensitivity(state, fitted, dominated(candidates, cost) | unavailable, ref)
-        tables = (cost, loss) if budget == "max_drop" else (loss, cost)
+        t = Tables(budget, candidates, layers, fitted, np.zeros(cost.shape), size, bops, macs, cost, fixed,
+                   state.source.ByteSize(), state.plan, ref)
+        smallest = Infeasible(smallest_total(np.where(unavailable, np.nan, cost)))
+        if budget != "max_drop" and t.limit(getattr(opts, budget)) < smallest.smallest:  # before measuring
+            raise InputError(self._infeasible(t, smallest))
+        t.loss = self._sensitivity(state, fitted, dominated(candidates, cost) | unavailable, ref)
+        return t
+
+    def _apply(self, state: CompileState, t: Tables, value: float) -> tuple[np.ndarray, int]:
+        """Solve for budget ``value`` and re-plan at the choice; returns it and the emitted file's bytes.
+        A size budget the emitted file misses lowers the limit by the excess and solves again."""
+        limit = t.limit(value)
+        emitted = 0
         for attempt in range(SIZE_RETRIES):
             try:
-                choice = self._solve(budget, tables, limit, fixed, fp32_bytes, macs, candidates)
+                choice = self._solve(t, limit)
             except InputError:
                 if attempt == 0:
                     raise
-                raise InputError(f"--size-ratio {opts.size_ratio}: the emitted file ({emitted / fp32_bytes:.4f}× of "
+                raise InputError(f"--size-ratio {value}: the emitted file ({emitted / t.fp32_bytes:.4f}× of "
                                  "fp32) is larger than the program counted and no choice fits the corrected "
                                  "limit; raise --size-ratio") from None
-            if all(candidates[c].w_bits is None for c in choice):
-                raise InputError(f"--{budget.replace('_', '-')} {getattr(opts, budget)} keeps every layer float, "
+            if all(t.candidates[c].w_bits is None for c in choice):
+                raise InputError(f"--{t.budget.replace('_', '-')} {value} keeps every layer float, "
                                  "so there is nothing to quantize; loosen it")
-            replan(state, old, {l.node: fitted[l.node][c] for l, c in zip(layers, choice)})
+            replan(state, t.old, {l.node: t.fitted[l.node][c] for l, c in zip(t.layers, choice)})
             emitted = output_model(state).ByteSize()
-            if budget != "size_ratio" or emitted <= opts.size_ratio * fp32_bytes:
-                break
-            limit -= emitted - opts.size_ratio * fp32_bytes
-        else:
-            raise InputError(f"--size-ratio {opts.size_ratio}: the emitted model stays at "
-                             f"{emitted / fp32_bytes:.4f}× after {SIZE_RETRIES} tries; raise the budget slightly")
-        rows = np.arange(len(layers))
-        joint = build_probe(state.model, state.plan, list(state.plan.layers), ref, opts.threads).distance(
-            {name: layer_change(layer) for name, layer in state.plan.layers.items()})
-        state.report.mixed = {
-            "budget": {budget: getattr(opts, budget)}, "candidates": [c.label for c in candidates],
-            "samples": len(ref.outputs[0]) if ref.outputs else 0,
-            "predicted_loss": float(loss[rows, choice].sum()), "measured_loss": joint,
-            "size_ratio": round(emitted / fp32_bytes, 6), "other_bytes": int(fixed), "fp32_bytes": fp32_bytes,
-            "bops_ratio": float(bops[rows, choice].sum() / (macs.sum() * FLOAT_BITS**2)),
-            "layers": [{"node": l.node, "op": l.op_type, "choice": candidates[c].label,
-                        "loss": {cand.label: None if np.isnan(loss[i, j]) else float(loss[i, j])
-                                 for j, cand in enumerate(candidates)},
-                        "bytes": {cand.label: int(size[i, j]) for j, cand in enumerate(candidates)},
-                        "macs": int(macs[i])} for i, (l, c) in enumerate(zip(layers, choice))],
-        }
-        counts = {cand.label: int((choice == j).sum()) for j, cand in enumerate(candidates)}
-        state.report.note(self.name, f"{budget.replace('_', ' ')} {getattr(opts, budget)}: "
-                          + ", ".join(f"{k} ×{n}" for k, n in counts.items() if n)
-                          + f"; ΔL predicted {state.report.mixed['predicted_loss']:.4g}, measured jointly "
-                            f"{joint:.4g} on {state.report.mixed['samples']} samples; emitted {emitted / fp32_bytes:.4f}× fp32 bytes")
+            if t.budget != "size_ratio" or emitted <= value * t.fp32_bytes:
+                return choice, emitted
+            limit -= emitted - value * t.fp32_bytes
+        raise InputError(f"--size-ratio {value}: the emitted model stays at {emitted / t.fp32_bytes:.4f}× after "
+                         f"{SIZE_RETRIES} tries; raise the budget slightly")
+
+    @staticmethod
+    def _joint(state: CompileState, t: Tables) -> float:
+        """ΔL measured with every planned layer at its chosen candidate at once (the additivity check)."""
+        probe = build_probe(state.model, state.plan, list(state.plan.layers), t.ref, state.options.threads)
+        return probe.distance({name: layer_change(layer) for name, layer in state.plan.layers.items()})
+
+    def _sweep(self, state: CompileState, t: Tables) -> list[dict]:
+        """The program solved at ``SWEEP_POINTS`` limits from the smallest achievable constrained total
+        to the largest any quantized choice reaches, each choice re-planned, emitted and measured
+        jointly (a point where every layer stays float is left out)."""
+        objective, constrained = t.program()
+        available = ~(np.isnan(objective) | np.isnan(constrained))
+        quantized = np.array([c.w_bits is not None for c in t.candidates])[None, :]
+        top = np.nanmax(np.where(available & quantized, constrained, np.nan), axis=1).sum()
+        points = []
+        for limit in state.progress.track(np.linspace(smallest_total(np.where(available, constrained, np.nan)),
+                                                      top, SWEEP_POINTS), "mixed precision: sweep", SWEEP_POINTS):
+            choice = allocate(objective, constrained, float(limit))
+            if all(t.candidates[c].w_bits is None for c in choice):
+                continue
+            replan(state, t.old, {l.node: t.fitted[l.node][c] for l, c in zip(t.layers, choice)})
+            points.append({"limit": float(limit), **t.summary(choice), "measured_loss": self._joint(state, t),
+                           "size_ratio": output_model(state).ByteSize() / t.fp32_bytes,
+                           "choices": {c.label: int((choice == j).sum()) for j, c in enumerate(t.candidates)}})
+        return points
 
     @staticmethod
     def _sensitivity(state: CompileState, fitted: dict[str, list], skip: np.ndarray, ref: Reference) -> np.ndarray:
@@ -273,27 +348,60 @@ class MixedPrecisionPass:
         return fitted
 
     @staticmethod
-    def _solve(budget: str, tables: tuple[np.ndarray, np.ndarray], limit: float, fixed: float, fp32_bytes: int,
-               macs: np.ndarray, candidates: list[Candidate]) -> np.ndarray:
+    def _solve(t: Tables, limit: float) -> np.ndarray:
         try:
-            return allocate(*tables, limit)
+            return allocate(*t.program(), limit)
         except Infeasible as exc:
-            raise InputError(MixedPrecisionPass._infeasible(budget, exc, fixed, fp32_bytes, macs, candidates)) from None
+            raise InputError(MixedPrecisionPass._infeasible(t, exc)) from None
 
     @staticmethod
-    def _infeasible(budget: str, exc: Infeasible, fixed: float, fp32_bytes: int, macs: np.ndarray,
-                    candidates: list[Candidate]) -> str:
+    def _infeasible(t: Tables, exc: Infeasible) -> str:
         """The one-line message for a budget below the smallest achievable value ``exc.smallest``."""
-        labels = ",".join(c.label for c in candidates)
-        if budget == "size_ratio":
+        labels = ",".join(c.label for c in t.candidates)
+        if t.budget == "size_ratio":
             return (f"--size-ratio is below the smallest file these candidates ({labels}) reach: "
-                    f"{(fixed + exc.smallest) / fp32_bytes:.4f}× of the fp32 bytes (Conv weights of 4 bits and less "
-                    "are stored as int8 codes); raise --size-ratio to at least that")
-        if budget == "bops_ratio":
+                    f"{(t.fixed + exc.smallest) / t.fp32_bytes:.4f}× of the fp32 bytes (Conv weights of 4 bits and "
+                    "less are stored as int8 codes); raise --size-ratio to at least that")
+        if t.budget == "bops_ratio":
             return (f"--bops-ratio is below the smallest these candidates ({labels}) reach: "
-                    f"{exc.smallest / (macs.sum() * FLOAT_BITS**2):.5f} of the fp32 BOPs; raise it to at least that "
-                    "or add lower-bit candidates")
+                    f"{exc.smallest / (t.macs.sum() * FLOAT_BITS**2):.5f} of the fp32 BOPs; raise it to at least "
+                    "that or add lower-bit candidates")
         hint = ("float is offered only to layers that can be kept float alone" if "float" in labels
                 else "or add float to --candidates")
         return (f"--max-drop is below the smallest predicted loss these candidates ({labels}) reach: "
                 f"{exc.smallest:.6g}; raise it ({hint})")
+
+
+def write_sweep(directory: str, budget: str, points: list[dict]) -> None:
+    """``pareto.md`` (a table) and ``pareto.png`` (predicted and measured ΔL against the emitted size,
+    or the BOPs for a BOPs sweep) in ``directory``, each written atomically."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--sweep draws its plot with matplotlib: pip install matplotlib") from None
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"Pareto sweep over {budget.replace('_', ' ')}: the integer program at {len(points)} limits.\n",
+             "| limit | predicted ΔL | measured ΔL (jointly) | size × fp32 (emitted) | BOPs × fp32 | choices |",
+             "|---|---|---|---|---|---|"]
+    for p in points:
+        choices = ", ".join(f"{k} ×{n}" for k, n in p["choices"].items() if n)
+        lines.append(f"| {p['limit']:.6g} | {p['predicted_loss']:.4g} | {p['measured_loss']:.4g} | "
+                     f"{p['size_ratio']:.4f} | {p['bops_ratio']:.5f} | {choices} |")
+    write_atomic(("\n".join(lines) + "\n").encode(), out / "pareto.md")
+    x_key = "bops_ratio" if budget == "bops_ratio" else "size_ratio"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p[x_key] for p in points]
+    ax.plot(xs, [p["predicted_loss"] for p in points], "o-", label="predicted (Σ per-layer ΔL)")
+    ax.plot(xs, [p["measured_loss"] for p in points], "s--", label="measured (all layers at once)")
+    ax.set_xlabel("BOPs × fp32" if x_key == "bops_ratio" else "file size × fp32 (emitted)")
+    ax.set_ylabel("output loss vs fp32 (KL or 1 − cosine)")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    write_atomic(buffer.getvalue(), out / "pareto.png")

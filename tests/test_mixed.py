@@ -25,7 +25,7 @@ from onnxptq.metrics import mean_kl
 from onnxptq.model_io import to_ir
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.layer_moments import output_channels
-from onnxptq.passes.mixed import Candidate, alone_float, dominated, parse_candidates
+from onnxptq.passes.mixed import SWEEP_POINTS, Candidate, alone_float, dominated, parse_candidates
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.sensitivity import build_probe, layer_change, reference
 from onnxptq.passes.verification import optimized_kernels
@@ -90,7 +90,7 @@ def test_mean_kl_matches_the_definition(rng):
 
 def test_candidates_parse_and_reject():
     assert parse_candidates("w8a8, w4,float") == [Candidate(8, 8), Candidate(4, 8), Candidate(None, None)]
-    for bad in ("w5a8", "w4a4", "w8a8,w8", "int4"):
+    for bad in ("w5a8", "w4a4", "w8a8,w8", "int4", "float"):
         with pytest.raises(InputError, match="--candidates"):
             parse_candidates(bad)
 
@@ -290,6 +290,21 @@ def test_float_is_offered_only_where_it_takes_no_other_layer_along(rng):
     mixed = onnxptq.compile(model, calib, None, max_drop=smallest * 1.001, candidates="w8a8,float").report["mixed"]
     assert [l["choice"] for l in mixed["layers"]] == ["w8a8", "w8a8", "float"]
     assert mixed["layers"][0]["loss"]["float"] is None
+
+
+def test_sweep_writes_a_monotone_pareto_table_and_plot(mlp_data, tmp_path, capsys):
+    model, calib = mlp_data
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib)
+    assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--size-ratio", "0.28", "--sweep", str(tmp_path / "sweep"), "-q"]) == 0
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "sweep" / "pareto.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| limit")]
+    assert len(rows) == SWEEP_POINTS
+    limits, predicted, sizes = ([float(r[k]) for r in rows] for k in (0, 1, 3))
+    assert limits == sorted(limits) and predicted == sorted(predicted, reverse=True), "a looser budget never loses more"
+    assert sizes[0] < sizes[-1]
+    assert (tmp_path / "sweep" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
