@@ -21,7 +21,8 @@ from onnxptq.passes.bitsplit import BitSplitPass
 from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.emission import EmissionPass
 from onnxptq.passes.fusion import FusionPass
-from onnxptq.passes.mixed import MixedPrecisionPass, budget_of
+from onnxptq.passes.candidates import budget_of
+from onnxptq.passes.mixed import MixedPrecisionPass
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.verification import VerificationPass
 from onnxptq.passes.weights import WeightGridPass

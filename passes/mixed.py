@@ -27,6 +27,11 @@ float being offered only to layers that selection can keep float alone (``alone_
 with the calibrated ranges and the grids fitted for the sensitivity. Layers that can take a bias
 (Conv, Gemm) get a zero one first, so the byte count holds whatever corrections add later.
 
+Only what can be chosen is measured: a candidate with fewer weight bits that costs no less than one
+with more (a 2-bit Conv stored as int8 codes, under a size budget) is left out (``dominated``).
+``--sweep DIR`` also solves ``SWEEP_POINTS`` budgets of the same kind on the same tables and writes the
+Pareto curve there (``onnxptq/pareto.py``).
+
 The report (``mixed``) lists per layer the choice and every candidate's ΔL, bytes and BOPs, and the
 additivity check: the predicted Σ ΔL against ΔL measured with all choices at once on the same probe.
 """
@@ -34,10 +39,7 @@ additivity check: the predicted Σ ΔL against ΔL measured with all choices at 
 from __future__ import annotations
 
 import dataclasses
-import io
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -45,94 +47,20 @@ from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
 from onnxptq.kernels.storage import stored_bytes
-from onnxptq.model_io import write_atomic
 from onnxptq.passes.bias_correction import give_bias
+from onnxptq.passes.candidates import FLOAT_BITS, Candidate, budget_of, dominated, parse_candidates
+from onnxptq.pareto import write_sweep
 from onnxptq.passes.emission import output_model
 from onnxptq.passes.layer_moments import output_channels
 from onnxptq.passes.select import SelectPass, weight_grid
 from onnxptq.passes.sensitivity import Reference, build_probe, layer_change, reference, subset
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import LayerPlan, QuantPlan
-from onnxptq.state import CompileOptions, CompileState, Report
+from onnxptq.state import CompileState, Report
 from onnxptq.target import resolve_target
 
-FLOAT_BITS = 32
-WEIGHT_BITS = (8, 4, 3, 2)
-ACTIVATION_BITS = (8,)  # 4-bit activations arrive with the 4-bit encodings
-BUDGETS = ("size_ratio", "bops_ratio", "max_drop")
 SIZE_RETRIES = 3
 SWEEP_POINTS = 8
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A layer's precision: weight and activation bits, or float (both None)."""
-
-    w_bits: int | None
-    a_bits: int | None
-
-    @property
-    def label(self) -> str:
-        return "float" if self.w_bits is None else f"w{self.w_bits}a{self.a_bits}"
-
-    @property
-    def bops_per_mac(self) -> int:
-        return (self.w_bits or FLOAT_BITS) * (self.a_bits or FLOAT_BITS)
-
-
-def parse_candidates(text: str) -> list[Candidate]:
-    """``w8a8,w4a8,float`` → candidates; ``w4`` alone means ``w4a8``."""
-    found: list[Candidate] = []
-    for token in (t.strip().lower() for t in text.split(",")):
-        match = re.fullmatch(r"w(\d+)(?:a(\d+))?", token)
-        if token == "float":
-            cand = Candidate(None, None)
-        elif match and int(match[1]) in WEIGHT_BITS and int(match[2] or 8) in ACTIVATION_BITS:
-            cand = Candidate(int(match[1]), int(match[2] or 8))
-        else:
-            raise InputError(f"--candidates: bad candidate {token!r}; use comma-separated wNaM (weight bits N in "
-                             f"{', '.join(map(str, WEIGHT_BITS))}, activation bits M = 8) or float, "
-                             "e.g. w8a8,w4a8,float")
-        if cand in found:
-            raise InputError(f"--candidates lists {token!r} twice")
-        found.append(cand)
-    if all(c.w_bits is None for c in found):
-        raise InputError("--candidates needs at least one quantized candidate (wNaM), e.g. w8a8,float")
-    return found
-
-
-def budget_of(options: CompileOptions) -> str | None:
-    """The budget option set (size_ratio, bops_ratio or max_drop), None without one; checks the
-    options mixed precision cannot combine with, before any work is done."""
-    given = [b for b in BUDGETS if getattr(options, b) is not None]
-    if not given:
-        return None
-    flags = ", ".join("--" + b.replace("_", "-") for b in given)
-    if len(given) > 1:
-        raise InputError(f"give one mixed-precision budget, not {flags}")
-    value = getattr(options, given[0])
-    if value <= 0 or (given[0] != "max_drop" and value > 1):
-        raise InputError(f"{flags} must be in (0, 1] (a fraction of the fp32 model's)" if given[0] != "max_drop"
-                         else f"{flags} must be positive")
-    if options.w_bits != 8:
-        raise InputError(f"{flags} picks each layer's bits from --candidates; leave --w-bits at 8")
-    if options.weight_solver != "rtn":
-        raise InputError(f"{flags} cannot be combined with --weight-solver {options.weight_solver} yet; use rtn")
-    parse_candidates(options.candidates)
-    return given[0]
-
-
-def dominated(candidates: list[Candidate], cost: np.ndarray) -> np.ndarray:
-    """[layers, candidates]: True where another candidate of the layer has more weight bits, the same
-    activation bits and no more cost (a 2-bit Conv stored as int8 codes costs the bytes of an 8-bit
-    one). Such candidates are not measured: more bits are assumed never to lose more."""
-    out = np.zeros(cost.shape, bool)
-    for j, c in enumerate(candidates):
-        for k, other in enumerate(candidates):
-            if c.w_bits is not None and other.w_bits is not None and other.w_bits > c.w_bits \
-                    and other.a_bits == c.a_bits:
-                out[:, j] |= cost[:, k] <= cost[:, j]
-    return out
 
 
 def alone_float(state: CompileState, layers: list[str]) -> set[str]:
@@ -157,7 +85,8 @@ def replan(state: CompileState, old: QuantPlan, grids: dict[str, LayerPlan | Non
     """Replace the plan by selection at the chosen per-layer bits (None: float), reusing ``old``'s
     calibrated ranges and the chosen candidates' fitted grids."""
     state.plan = QuantPlan(folded_bn=old.folded_bn, bounds=old.bounds)
-    SelectPass({name: None if g is None else g.grid.bits for name, g in grids.items()}).run(state)
+    bits = {name: None if g is None else g.grid.bits for name, g in grids.items()}
+    SelectPass(bits).run(dataclasses.replace(state, report=Report()))  # same plan object, no repeated notes
     for name, act in state.plan.activations.items():
         # a tensor that was tied (say a Reshape after a layer now kept float) takes its old root's range
         source = old.root(name)
@@ -253,7 +182,13 @@ class MixedPrecisionPass:
             stored_bytes(l.weight.size, output_channels(l), l.grid, l.bias is not None) for l in layers)
         t = Tables(budget, candidates, layers, fitted, np.zeros(cost.shape), size, bops, macs, cost, fixed,
                    state.source.ByteSize(), state.plan, ref)
-        smallest = Infeasible(smallest_total(np.where(unavailable, np.nan, cost)))
+        masked = np.where(unavailable, np.nan, cost)
+        if budget == "size_ratio":  # the rest of the file, measured on the smallest choice too
+            cheapest = np.nanargmin(masked, axis=1)
+            replan(state, t.old, {l.node: fitted[l.node][c] for l, c in zip(layers, cheapest)})
+            t.fixed = min(fixed, output_model(state).ByteSize() - size[np.arange(len(layers)), cheapest].sum())
+            state.plan = t.old
+        smallest = Infeasible(smallest_total(masked))
         if budget != "max_drop" and t.limit(getattr(opts, budget)) < smallest.smallest:  # before measuring
             raise InputError(self._infeasible(t, smallest))
         t.loss = self._sensitivity(state, fitted, dominated(candidates, cost) | unavailable, ref)
@@ -370,38 +305,3 @@ class MixedPrecisionPass:
                 else "or add float to --candidates")
         return (f"--max-drop is below the smallest predicted loss these candidates ({labels}) reach: "
                 f"{exc.smallest:.6g}; raise it ({hint})")
-
-
-def write_sweep(directory: str, budget: str, points: list[dict]) -> None:
-    """``pareto.md`` (a table) and ``pareto.png`` (predicted and measured ΔL against the emitted size,
-    or the BOPs for a BOPs sweep) in ``directory``, each written atomically."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("--sweep draws its plot with matplotlib: pip install matplotlib") from None
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [f"Pareto sweep over {budget.replace('_', ' ')}: the integer program at {len(points)} limits.\n",
-             "| limit | predicted ΔL | measured ΔL (jointly) | size × fp32 (emitted) | BOPs × fp32 | choices |",
-             "|---|---|---|---|---|---|"]
-    for p in points:
-        choices = ", ".join(f"{k} ×{n}" for k, n in p["choices"].items() if n)
-        lines.append(f"| {p['limit']:.6g} | {p['predicted_loss']:.4g} | {p['measured_loss']:.4g} | "
-                     f"{p['size_ratio']:.4f} | {p['bops_ratio']:.5f} | {choices} |")
-    write_atomic(("\n".join(lines) + "\n").encode(), out / "pareto.md")
-    x_key = "bops_ratio" if budget == "bops_ratio" else "size_ratio"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [p[x_key] for p in points]
-    ax.plot(xs, [p["predicted_loss"] for p in points], "o-", label="predicted (Σ per-layer ΔL)")
-    ax.plot(xs, [p["measured_loss"] for p in points], "s--", label="measured (all layers at once)")
-    ax.set_xlabel("BOPs × fp32" if x_key == "bops_ratio" else "file size × fp32 (emitted)")
-    ax.set_ylabel("output loss vs fp32 (KL or 1 − cosine)")
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    write_atomic(buffer.getvalue(), out / "pareto.png")

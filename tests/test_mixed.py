@@ -25,7 +25,8 @@ from onnxptq.metrics import mean_kl
 from onnxptq.model_io import to_ir
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.layer_moments import output_channels
-from onnxptq.passes.mixed import SWEEP_POINTS, Candidate, alone_float, dominated, parse_candidates
+from onnxptq.passes.candidates import Candidate, dominated, parse_candidates
+from onnxptq.passes.mixed import SWEEP_POINTS, alone_float
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.sensitivity import build_probe, layer_change, reference
 from onnxptq.passes.verification import optimized_kernels
@@ -215,6 +216,9 @@ def test_size_budget_is_met_by_the_emitted_file_and_optimal(mlp_data, tmp_path):
                                                                  - mixed["other_bytes"]), abs=1e-12)
     assert {l["node"]: l["choice"] for l in mixed["layers"]}.keys() == {"mm1", "conv", "fc"}
     assert mixed["measured_loss"] > 0 and np.isfinite(mixed["measured_loss"])
+    again = onnxptq.compile(model, calib, tmp_path / "again.onnx", size_ratio=ratio, target="ort-cpu-avx2")
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes(), "deterministic"
+    assert again.report["mixed"] == mixed
     assert [l["w_bits"] for l in result.report["layers"]] == \
         [int(l["choice"][1]) for l in mixed["layers"] if l["choice"] != "float"]
 
