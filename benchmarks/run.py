@@ -76,6 +76,7 @@ CONFIGS = {
     "onnxptq mixed size 0.16": (_compile_onnxptq, {"size_ratio": 0.16}),
     "onnxptq mixed size 0.25": (_compile_onnxptq, {"size_ratio": 0.25}),
     "onnxptq mixed size 0.26": (_compile_onnxptq, {"size_ratio": 0.26}),
+    "onnxptq mixed size 0.62": (_compile_onnxptq, {"size_ratio": 0.62}),  # MiniLM: its float embedding is 0.6×
     "onnxptq mixed bops 0.03125": (_compile_onnxptq, {"bops_ratio": 1 / 32}),  # uniform W4A8's BOPs (4·8/32²)
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),

@@ -34,6 +34,7 @@ takes a float activation input. With 3 or 2 bits every layer keeps int8 storage,
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import numpy as np
 import onnx_ir as ir
@@ -168,12 +169,15 @@ class SelectPass:
         quantized: dict[str, str] = {}
         pinned: set[str] = statistics(graph)
         masks = from_integers(graph)
+        float_in: set[str] = set()  # int4 layers: quantized, but they read a float input
         for node in graph:
-            int4 = self._bits(state, node) == 4 and node.op_type in ("MatMul", "Gemm") and _weight_axis(node) is not None
+            int4 = self._bits(state, node) == 4 and node.op_type in ("MatMul", "Gemm") \
+                and _weight_axis(node) is not None
             if (int4 or self._runs_quantized(node, pinned, masks)) and not skipped(node):
                 quantized[node.name] = node.op_type
                 if int4:  # MatMulNBits: float in, float out; a Q/DQ on either side blocks the fusion
                     pinned.update(v.name for v in node.outputs)
+                    float_in.add(node.name)
             elif node.op_type in COMPUTE or (node.op_type in BOUNDED and node.inputs[0] is not None
                                             and node.inputs[0].name in pinned):
                 pinned.update(v.name for v in node.outputs)
@@ -182,7 +186,7 @@ class SelectPass:
         # the bias and residual Adds before each float LayerNorm cost 0.18 of embedding cosine).
         for node in reversed(list(graph)):
             if node.name in quantized and node.op_type not in COMPUTE \
-                    and not self._feeds_integer(node.outputs[0], quantized):
+                    and not self._feeds_integer(node.outputs[0], quantized.keys() - float_in):
                 del quantized[node.name]
 
         for node in graph:
@@ -210,7 +214,7 @@ class SelectPass:
         state.report.model["target"] = target.name
 
     @staticmethod
-    def _feeds_integer(value: ir.Value, quantized: dict[str, str]) -> bool:
+    def _feeds_integer(value: ir.Value, quantized: Collection[str]) -> bool:
         """Whether a node planned to run quantized reads ``value``, directly or through data-movement
         ops and Relu/Clip (which onnxruntime runs on the codes or folds away)."""
         return any(u.name in quantized or (u.op_type in PASSTHROUGH | BOUNDED

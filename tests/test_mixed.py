@@ -29,7 +29,7 @@ from onnxptq.passes.candidates import Candidate, dominated, parse_candidates
 from onnxptq.passes.mixed import SWEEP_POINTS, alone_float
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.sensitivity import build_probe, layer_change, reference
-from onnxptq.passes.verification import optimized_kernels
+from onnxptq.passes.verification import fusion_coverage, optimized_kernels
 from onnxptq.state import CompileOptions, CompileState, run_passes
 
 
@@ -322,3 +322,18 @@ def test_real_model_meets_its_size_budget(name, ratio, tmp_path):
     assert result.report["verification"]["coverage"] == 1.0
     choices = {l["choice"] for l in result.report["mixed"]["layers"]}
     assert "w8a8" in choices and len(choices) > 1, "a real mix"
+
+
+def test_add_before_an_int4_matmul_stays_float(rng):
+    """MatMulNBits reads a float input, so an Add feeding it would only round for nothing (magika: its
+    LayerNorm's last Add before the int4 Dense ran as a float Add between a Q/DQ pair)."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("MatMul", ["hb", "w2"], ["y"], name="mm2")]
+    model = make_model(nodes, [fvi("x", ["N", 5, 64])], [fvi("y", ["N", 5, 32])],
+                       {"w1": f(64, 64), "b1": f(64), "w2": f(64, 32)})
+    state = planned(model, {"x": f(20, 5, 64)}, bits={"mm1": 8, "mm2": 4})
+    assert "bias1" not in state.plan.ops and "hb" not in state.plan.activations
+    kernels = optimized_kernels(ir.serde.serialize_model(emit_model(state.model, state.plan)))
+    assert fusion_coverage(state.plan.ops, kernels)["coverage"] == 1.0, kernels
