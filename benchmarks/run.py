@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +98,12 @@ CONFIGS = {
     **{f"onnxptq W4A8 advanced {n} it": (_compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
                                                             "bn-reestimate:layers=hidden,bias-correction"})
        for n in (30, 300, 1000)},
+    "onnxptq mixed size 0.13": (_compile_onnxptq, {"size_ratio": 0.13}),
+    "onnxptq mixed size 0.16": (_compile_onnxptq, {"size_ratio": 0.16}),
+    "onnxptq mixed size 0.25": (_compile_onnxptq, {"size_ratio": 0.25}),
+    "onnxptq mixed size 0.26": (_compile_onnxptq, {"size_ratio": 0.26}),
+    "onnxptq mixed size 0.62": (_compile_onnxptq, {"size_ratio": 0.62}),  # MiniLM: its float embedding is 0.6×
+    "onnxptq mixed bops 0.03125": (_compile_onnxptq, {"bops_ratio": 1 / 32}),  # uniform W4A8's BOPs (4·8/32²)
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
     "ORT quantize_static MinMax preprocessed": (_compile_ort, "minmax+pre"),

@@ -105,6 +105,11 @@ def block_rows(w_kn: np.ndarray, block: int) -> np.ndarray:
     return padded.reshape(nb, block, n).transpose(0, 2, 1).reshape(nb * n, block)
 
 
+def block_scales(scale: np.ndarray, block: int, k: int) -> np.ndarray:
+    """Per-block scales [K/block, N] repeated to one per entry of a [K, N] matrix."""
+    return np.repeat(scale, block, axis=0)[:k]
+
+
 def row_scales(rows: np.ndarray, qmax: int, method: str) -> np.ndarray:
     """Symmetric scale of each row of ``rows``: min-max (max|w|/qmax) or ``mse`` (clip search)."""
     if method == "minmax":

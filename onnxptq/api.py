@@ -21,13 +21,15 @@ from onnxptq.passes.bitsplit import BitSplitPass
 from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.emission import EmissionPass
 from onnxptq.passes.fusion import FusionPass
+from onnxptq.passes.candidates import budget_of
+from onnxptq.passes.mixed import MixedPrecisionPass
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.tables import TablePass
 from onnxptq.passes.verification import VerificationPass
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.state import CompileOptions, CompileState, Progress, run_passes
 
-PIPELINE = (FusionPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass,
+PIPELINE = (FusionPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass, MixedPrecisionPass,
             EmissionPass, VerificationPass)
 
 
@@ -82,6 +84,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, calib: Any, output: str 
     """
     opts = _options(options)
     passes = pipelines.build(opts.pipeline, PIPELINE)
+    budget_of(opts)  # mixed-precision options are checked before any work
     source, path = _as_model(model)
     if output is not None:
         check_output_path(output, [p for p in (path, calib) if isinstance(p, (str, os.PathLike))])

@@ -115,10 +115,21 @@ def cli() -> None:
 @click.option("--min-sqnr", type=float, default=None, help="Exit 1 if any output's SQNR (dB) is below this.")
 @click.option("--min-top1", type=float, default=None, help="Exit 1 if any class output's top-1 agreement is below this.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+@click.option("--size-ratio", type=float, default=None, help="Mixed precision: per-layer bits of least predicted "
+              "output loss such that the written file is at most this fraction of the fp32 file's bytes.")
+@click.option("--bops-ratio", type=float, default=None, help="Mixed precision: as --size-ratio, for bit operations "
+              "(MACs × w-bits × a-bits) as a fraction of the fp32 model's (32 × 32 per MAC).")
+@click.option("--max-drop", type=float, default=None, help="Mixed precision: the smallest file whose predicted output "
+              "loss (summed per-layer KL to fp32 for class scores, else 1 − cosine) is at most this.")
+@click.option("--candidates", default="w8a8,w4a8,w3a8,w2a8,float", show_default=True,
+              help="Mixed precision: each layer's choices, wNaM (weight/activation bits) or float.")
+@click.option("--sweep", type=click.Path(file_okay=False), default=None, help="Mixed precision: also solve a range "
+              "of budgets of the same kind and write the Pareto curve (pareto.md, pareto.png) to this folder.")
 @with_image_flags
 def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
                 exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
-                pipeline, image_size, resize, mean, std, layout, scale) -> None:
+                pipeline, size_ratio, bops_ratio, max_drop, candidates, sweep, image_size, resize, mean, std,
+                layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
     import onnxptq
     from onnxptq.model_io import check_output_path
@@ -135,7 +146,8 @@ def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_met
         progress=None if quiet else Progress(console),
         w_bits=int(w_bits), a_bits=int(a_bits), calib_method=calib_method, percentile=percentile,
         weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
-        holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit)
+        holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit,
+        size_ratio=size_ratio, bops_ratio=bops_ratio, max_drop=max_drop, candidates=candidates, sweep=sweep)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)

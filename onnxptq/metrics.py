@@ -47,3 +47,20 @@ def compare_outputs(names: list[str], ref: list[np.ndarray], test: list[np.ndarr
             entry["top1_agreement"] = round(top1_agreement(r, t), 6)
         result[name] = entry
     return result
+
+
+def log_probabilities(scores: np.ndarray, normalized: bool = False) -> np.ndarray:
+    """log p over the last axis, in float64: of probabilities as given (``normalized``, floored at
+    1e-12 so a zero stays finite) or of logits by log-softmax, log p_i = x_i − log Σ_j e^{x_j}."""
+    x = np.asarray(scores, np.float64)
+    if normalized:
+        return np.log(np.maximum(x, 1e-12))
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def mean_kl(ref: np.ndarray, test: np.ndarray, normalized: bool = False) -> float:
+    """KL(p_ref ‖ p_test) = Σ_i p_ref,i·(log p_ref,i − log p_test,i) over the last axis, averaged over
+    all other positions; inputs are logits, or probabilities when ``normalized``."""
+    log_p, log_q = log_probabilities(ref, normalized), log_probabilities(test, normalized)
+    return float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxptq.kernels.quant import affine_params
+from onnxptq.kernels.quant import affine_params, block_scales, broadcast_channel, fake_quantize
 
 
 @dataclass
@@ -72,6 +72,16 @@ class LayerPlan:
     @property
     def channels(self) -> int:
         return self.weight.shape[self.grid.axis]
+
+    def dequantized(self) -> np.ndarray:
+        """ŵ = q·s, the float weight emission's codes stand for, in the weight's own layout."""
+        grid = self.grid
+        if grid.block_size is None:
+            scale = broadcast_channel(grid.scale, grid.axis, self.weight.ndim)
+            return fake_quantize(self.weight, scale, 0, grid.low, grid.qmax)
+        w_kn = self.weight if grid.axis == 0 else self.weight.T
+        w_hat = fake_quantize(w_kn, block_scales(grid.scale, grid.block_size, w_kn.shape[0]), 0, grid.low, grid.qmax)
+        return w_hat if grid.axis == 0 else w_hat.T
 
 
 @dataclass

@@ -35,6 +35,12 @@ class CompileOptions:
     block_size: int = 32
     pipeline: str = "light"  # a name or a spec of correction passes (onnxptq/pipelines.py)
     first_last_8bit: bool = True  # below 8 bits, keep the first and last layers (and their inputs) at 8
+    # mixed precision (passes/mixed.py): at most one budget; candidates per layer
+    size_ratio: float | None = None
+    bops_ratio: float | None = None
+    max_drop: float | None = None
+    candidates: str = "w8a8,w4a8,w3a8,w2a8,float"
+    sweep: str | None = None  # a folder: also solve a range of budgets, write pareto.md and pareto.png there
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +76,7 @@ class Report:
     layers: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    mixed: dict[str, Any] = field(default_factory=dict)
 
     def note(self, pass_name: str, text: str) -> None:
         for entry in self.passes:
@@ -80,7 +87,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "options": self.options, "passes": self.passes,
-                "layers": self.layers, "verification": self.verification, "warnings": self.warnings}
+                "layers": self.layers, "verification": self.verification, "warnings": self.warnings,
+                **({"mixed": self.mixed} if self.mixed else {})}
 
 
 @dataclass

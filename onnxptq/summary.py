@@ -37,6 +37,8 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
     for (op, bits, kernel), n in sorted(ops.items()):
         layers.add_row(op, str(bits), kernel or "?", str(n))
     console.print(layers)
+    if report.get("mixed"):
+        print_mixed(console, report["mixed"])
     console.print(outputs_table(f"Agreement with fp32 on {ver['samples']} "
                                 f"{'held-back' if ver['held_back'] else 'calibration'} samples", ver["outputs"]))
     passes = ", ".join(f"{p['name']} {p.get('seconds', 0):.1f}s" for p in report["passes"])
@@ -55,6 +57,16 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
         console.print(f"[yellow]warning:[/yellow] {w}")
     if output:
         console.print(f"wrote {output}")
+
+
+def print_mixed(console: Console, mixed: dict[str, Any]) -> None:
+    """The chosen candidate of every layer, and the additivity check of the program's loss."""
+    (budget, value), = mixed["budget"].items()
+    console.print(f"mixed precision, {budget.replace('_', ' ')} {value}: " + ", ".join(
+        f"{layer['node']} {layer['choice']}" for layer in mixed["layers"]))
+    console.print(f"  output loss vs fp32 on {mixed['samples']} samples: predicted (sum over layers) "
+                  f"{mixed['predicted_loss']:.4g}, measured (all layers at once) {mixed['measured_loss']:.4g}; "
+                  f"size {mixed['size_ratio']:.4f}×, BOPs {mixed['bops_ratio']:.4f}× fp32")
 
 
 def print_eval(console: Console, result: dict[str, Any]) -> None:

@@ -52,7 +52,7 @@ from onnx import version_converter
 
 from onnxptq.errors import InputError
 from onnxptq.graph import add_initializer, set_const
-from onnxptq.kernels.quant import broadcast_channel, quantize
+from onnxptq.kernels.quant import block_scales, broadcast_channel, quantize
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan
 from onnxptq.state import CompileState
 
@@ -218,7 +218,7 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
     grid = layer.grid
     if grid.block_size:
         w_kn = layer.weight if grid.axis == 0 else layer.weight.T
-        scale = np.repeat(grid.scale, grid.block_size, axis=0)[: w_kn.shape[0]]
+        scale = block_scales(grid.scale, grid.block_size, w_kn.shape[0])
         codes = quantize(w_kn, scale, 0, grid.low, grid.qmax).astype(ml_dtypes.int4)
         node.replace_input_with(1, w.dq(layer.weight_name, codes, grid.scale.astype(np.float32), None,
                                         axis=0, block_size=grid.block_size))
@@ -300,18 +300,23 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     return model
 
 
+def output_model(state: CompileState) -> onnx.ModelProto:
+    """The QDQ model of the current plan as the compile writes it, stamped with the options."""
+    out = ir.serde.serialize_model(emit_model(state.model, state.plan))
+    out.producer_name = "onnxptq"
+    stamp = {"options": state.options.to_dict(), "target": state.report.model.get("target")}
+    meta = {p.key: p.value for p in out.metadata_props}
+    meta["onnxptq"] = json.dumps(stamp, sort_keys=True)
+    del out.metadata_props[:]
+    for key in sorted(meta):
+        out.metadata_props.add(key=key, value=meta[key])
+    return out
+
+
 class EmissionPass:
     name = "emission"
 
     def run(self, state: CompileState) -> None:
-        model = emit_model(state.model, state.plan)
-        out = ir.serde.serialize_model(model)
-        out.producer_name = "onnxptq"
-        stamp = {"options": state.options.to_dict(), "target": state.report.model.get("target")}
-        meta = {p.key: p.value for p in out.metadata_props}
-        meta["onnxptq"] = json.dumps(stamp, sort_keys=True)
-        del out.metadata_props[:]
-        for key in sorted(meta):
-            out.metadata_props.add(key=key, value=meta[key])
+        out = output_model(state)
         state.output = out
         state.report.note(self.name, f"opset {_opset(out)}, {len(out.graph.node)} nodes")

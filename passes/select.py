@@ -38,7 +38,7 @@ layers' outputs) keep 8 bits.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import onnx_ir as ir
@@ -129,7 +129,13 @@ def excluded(pattern: str | None) -> Callable[[ir.Node], bool]:
 
 
 class SelectPass:
+    """``bits``: per-layer weight bits by node name (None keeps the layer float), overriding ``--w-bits``
+    for the named layers (mixed precision re-plans with it)."""
+
     name = "select"
+
+    def __init__(self, bits: dict[str, int | None] | None = None):
+        self.bits = bits or {}
 
     def run(self, state: CompileState) -> None:
         opts = state.options
@@ -137,7 +143,7 @@ class SelectPass:
             raise InputError(f"--a-bits {opts.a_bits} is not supported; use 8 or 4")
         if opts.w_bits not in (8, 4, 3, 2):
             raise InputError(f"--w-bits {opts.w_bits} is not supported; use 8, 4, 3 or 2")
-        skipped = excluded(opts.exclude)
+        excluded_node = excluded(opts.exclude)
         target = resolve_target(opts.target)
         plan = state.plan
         plan.goal = target.goal
@@ -160,12 +166,19 @@ class SelectPass:
                 return
             want(out)
 
-        weighted = [n.name for n in graph if n.op_type in COMPUTE and _weight_axis(n) is not None and not skipped(n)]
-        first, last = edge_layers(graph, set(weighted))
+        weighted = {n.name for n in graph
+                    if n.op_type in COMPUTE and _weight_axis(n) is not None and not excluded_node(n)}
+        first, last = edge_layers(graph, weighted)
         edges = first | last if opts.first_last_8bit and min(opts.w_bits, opts.a_bits) < 8 else set()
 
-        def w_bits(node: ir.Node) -> int:
+        def w_bits(node: ir.Node) -> int | None:
+            """The layer's weight bits: mixed precision's choice (None: float), else 8 at the edges."""
+            if node.name in self.bits:
+                return self.bits[node.name]
             return 8 if node.name in edges else opts.w_bits
+
+        def skipped(node: ir.Node) -> bool:
+            return excluded_node(node) or (node.name in weighted and w_bits(node) is None)
 
         # Which nodes run quantized is decided first, so a layer knows whether its consumers do.
         # Outputs of float compute layers are pinned to float: a Q right after such a layer (or after
@@ -174,12 +187,14 @@ class SelectPass:
         quantized: dict[str, str] = {}
         pinned: set[str] = statistics(graph)
         masks = from_integers(graph)
+        float_in: set[str] = set()  # int4 layers: quantized, but they read a float input
         for node in graph:
-            blocked = node.name in weighted and _blocked(node.op_type, w_bits(node), target.goal)
+            blocked = not skipped(node) and node.name in weighted and _blocked(node.op_type, w_bits(node), target.goal)
             if (blocked or self._runs_quantized(node, pinned, masks)) and not skipped(node):
                 quantized[node.name] = node.op_type
                 if blocked:  # MatMulNBits: float in, float out; a Q/DQ on either side blocks the fusion
                     pinned.update(v.name for v in node.outputs)
+                    float_in.add(node.name)
             elif node.op_type in COMPUTE or (node.op_type in BOUNDED and node.inputs[0] is not None
                                             and node.inputs[0].name in pinned):
                 pinned.update(v.name for v in node.outputs)
@@ -188,7 +203,7 @@ class SelectPass:
         # the bias and residual Adds before each float LayerNorm cost 0.18 of embedding cosine).
         for node in reversed(list(graph)):
             if node.name in quantized and node.op_type not in COMPUTE \
-                    and not self._feeds_integer(node.outputs[0], quantized):
+                    and not self._feeds_integer(node.outputs[0], quantized.keys() - float_in):
                 del quantized[node.name]
 
         for node in graph:
@@ -218,7 +233,7 @@ class SelectPass:
         state.report.model["target"] = target.name
 
     @staticmethod
-    def _feeds_integer(value: ir.Value, quantized: dict[str, str]) -> bool:
+    def _feeds_integer(value: ir.Value, quantized: Collection[str]) -> bool:
         """Whether a node planned to run quantized reads ``value``, directly or through data-movement
         ops and Relu/Clip (which onnxruntime runs on the codes or folds away)."""
         return any(u.name in quantized or (u.op_type in PASSTHROUGH | BOUNDED

@@ -31,19 +31,23 @@ class WeightGridPass:
         groups = {n.name: attr(n, "group", 1) for n in state.model.graph}
         raised = 0
         for layer in state.progress.track(state.plan.layers.values(), "weight grids", len(state.plan.layers)):
-            grid = layer.grid
-            if grid.block_size:
-                w_kn = layer.weight if grid.axis == 0 else layer.weight.T
-                nb = -(-w_kn.shape[0] // grid.block_size)
-                scale = row_scales(block_rows(w_kn, grid.block_size), grid.qmax, method)
-                grid.scale = scale.reshape(nb, w_kn.shape[1])
-            else:
-                scale = self._bias_safe(state, layer, row_scales(channel_rows(layer.weight, grid.axis),
-                                                                 grid.qmax, method))
-                grid.scale = self._pair_safe(layer, scale, groups[layer.node]) if int16_pairs else scale
-                raised += int((grid.scale > scale).sum())
+            raised += self.fit(state, layer, method, int16_pairs, groups[layer.node])
         pairs = f"; {raised} channel scales raised to be int16-pair-safe" if int16_pairs else ""
         state.report.note(self.name, f"{len(state.plan.layers)} layers, {method} scales{pairs}")
+
+    @classmethod
+    def fit(cls, state: CompileState, layer: LayerPlan, method: str, int16_pairs: bool, group: int) -> int:
+        """Set ``layer.grid.scale``; returns how many channel scales were raised to be pair-safe."""
+        grid = layer.grid
+        if grid.block_size:
+            w_kn = layer.weight if grid.axis == 0 else layer.weight.T
+            nb = -(-w_kn.shape[0] // grid.block_size)
+            scale = row_scales(block_rows(w_kn, grid.block_size), grid.qmax, method)
+            grid.scale = scale.reshape(nb, w_kn.shape[1])
+            return 0
+        scale = cls._bias_safe(state, layer, row_scales(channel_rows(layer.weight, grid.axis), grid.qmax, method))
+        grid.scale = cls._pair_safe(layer, scale, group) if int16_pairs else scale
+        return int((grid.scale > scale).sum())
 
     @staticmethod
     def _pair_safe(layer: LayerPlan, scale: np.ndarray, group: int) -> np.ndarray:

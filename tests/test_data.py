@@ -1,7 +1,6 @@
 """Calibration sources: .npz, .npy folders, image folders, CalibrationDataReader, batching rules."""
 
 import numpy as np
-import onnx
 import pytest
 from PIL import Image
 

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxptq.kernels.quant import (affine_params, block_rows, broadcast_channel, fake_quantize, mse_symmetric_scales,

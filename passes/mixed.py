@@ -1,0 +1,306 @@
+"""Mixed precision: each layer's bit-widths chosen by an integer program under one budget.
+
+Runs after the weight grids (on the 8-bit plan every layer starts from) and before the corrections,
+which then correct the chosen mix. Candidates (``--candidates``, default ``w8a8,w4a8,w3a8,w2a8,float``)
+give weight and activation bits separately, or keep the layer float. For every planned layer l and
+candidate c:
+
+* ΔL(l, c) — the sensitivity of ``passes/sensitivity.py`` (distance of the outputs to fp32 with only
+  layer l at c, on a fixed calibration subset); 0 for float;
+* bytes(l, c) — the layer's weight and bias payload as emission stores it (``onnxptq/costs.py``);
+* BOPs(l, c) = MACs_l · w_bits · a_bits, float counting 32 · 32 (int4 MatMulNBits counts a_bits 8:
+  onnxruntime runs it at accuracy level 4, int8 activations inside the kernel).
+
+The program (``kernels/allocation.py``), with x_{l,c} one-hot per layer:
+
+* ``--size-ratio R``:  min Σ ΔL  s.t.  F + Σ bytes(l, c) ≤ R · (fp32 file bytes), where F, the rest of
+  the file (activation grids, graph, metadata), is measured on the emitted 8-bit model. The chosen
+  plan is then emitted in memory and measured; if the file is over budget (headers the payload count
+  leaves out), the limit drops by the excess and the program is solved again.
+* ``--bops-ratio R``:  min Σ ΔL  s.t.  Σ BOPs ≤ R · Σ_l MACs_l · 32 · 32 (the fp32 model's BOPs).
+* ``--max-drop D``:    min Σ bytes (ties broken by fewer BOPs)  s.t.  Σ ΔL ≤ D, D in ΔL's units.
+
+An infeasible budget is an input error naming the smallest achievable value. The chosen bits are
+written back by re-running selection with per-layer bits (a float layer leaves the plan with the
+Q/DQ pairs only it needed; a 4-bit MatMul/Gemm, stored int4 for MatMulNBits, loses its input pair),
+float being offered only to layers that selection can keep float alone (``alone_float``),
+with the calibrated ranges and the grids fitted for the sensitivity. Layers that can take a bias
+(Conv, Gemm) get a zero one first, so the byte count holds whatever corrections add later.
+
+Only what can be chosen is measured: a candidate with fewer weight bits that costs no less than one
+with more (a 2-bit Conv stored as int8 codes, under a size budget) is left out (``dominated``).
+``--sweep DIR`` also solves ``SWEEP_POINTS`` budgets of the same kind on the same tables and writes the
+Pareto curve there (``onnxptq/pareto.py``).
+
+The report (``mixed``) lists per layer the choice and every candidate's ΔL, bytes and BOPs, and the
+additivity check: the predicted Σ ΔL against ΔL measured with all choices at once on the same probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxptq.costs import layer_storage_bytes
+from onnxptq.errors import InputError
+from onnxptq.graph import attr
+from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
+from onnxptq.passes.bias_correction import give_bias
+from onnxptq.passes.candidates import FLOAT_BITS, Candidate, budget_of, dominated, parse_candidates
+from onnxptq.pareto import write_sweep
+from onnxptq.passes.emission import output_model
+from onnxptq.passes.select import SelectPass, weight_grid
+from onnxptq.passes.sensitivity import Reference, build_probe, layer_change, reference, subset
+from onnxptq.passes.weights import WeightGridPass
+from onnxptq.plan import LayerPlan, QuantPlan
+from onnxptq.state import CompileState, Report
+from onnxptq.target import resolve_target
+
+SIZE_RETRIES = 3
+SWEEP_POINTS = 8
+
+
+def alone_float(state: CompileState, layers: list[str]) -> set[str]:
+    """The layers that can be kept float without taking others along. Selection keeps a float layer's
+    output float (else onnxruntime would fuse the layer anyway), so in a chain of Conv layers the next
+    one, reading that float tensor, turns float too; the program prices each layer alone, so float is
+    offered only where selection with that one layer float still plans every other layer."""
+    alone = set()
+    for name in layers:
+        scratch = dataclasses.replace(state, plan=QuantPlan(folded_bn=state.plan.folded_bn, bounds=state.plan.bounds),
+                                      report=Report())
+        try:
+            SelectPass({name: None}).run(scratch)
+        except InputError:  # no layer left at all
+            pass
+        if set(scratch.plan.layers) == set(layers) - {name}:
+            alone.add(name)
+    return alone
+
+
+def replan(state: CompileState, old: QuantPlan, grids: dict[str, LayerPlan | None]) -> None:
+    """Replace the plan by selection at the chosen per-layer bits (None: float), reusing ``old``'s
+    calibrated ranges and the chosen candidates' fitted grids."""
+    state.plan = QuantPlan(folded_bn=old.folded_bn, bounds=old.bounds)
+    bits = {name: None if g is None else g.grid.bits for name, g in grids.items()}
+    SelectPass(bits).run(dataclasses.replace(state, report=Report()))  # same plan object, no repeated notes
+    for name, act in state.plan.activations.items():
+        # a tensor that was tied (say a Reshape after a layer now kept float) takes its old root's range
+        source = old.root(name)
+        act.lo, act.hi = source.lo, source.hi
+    for name, layer in state.plan.layers.items():
+        layer.grid = dataclasses.replace(grids[name].grid)
+
+
+@dataclass
+class Tables:
+    """Everything the program needs, per layer (rows) and candidate (columns); ``cost`` is the table
+    the budget bounds (bytes, BOPs, or for ``max_drop`` bytes with BOPs as tie-break), ``fixed`` the
+    file bytes outside layer payloads, ``old`` the 8-bit plan the choices are re-planned from."""
+
+    budget: str
+    candidates: list[Candidate]
+    layers: list[LayerPlan]
+    fitted: dict[str, list]
+    loss: np.ndarray
+    size: np.ndarray
+    bops: np.ndarray
+    macs: np.ndarray
+    cost: np.ndarray
+    fixed: float
+    fp32_bytes: int
+    old: QuantPlan
+    ref: Reference
+
+    def limit(self, value: float) -> float:
+        """The budget option's ``value`` as a limit on the program's constrained total."""
+        return {"size_ratio": value * self.fp32_bytes - self.fixed,
+                "bops_ratio": value * self.macs.sum() * FLOAT_BITS**2, "max_drop": value}[self.budget]
+
+    def program(self) -> tuple[np.ndarray, np.ndarray]:
+        """(objective, constrained) tables of ``allocate``."""
+        return (self.cost, self.loss) if self.budget == "max_drop" else (self.loss, self.cost)
+
+    def summary(self, choice: np.ndarray) -> dict[str, float]:
+        rows = np.arange(len(self.layers))
+        return {"predicted_loss": float(self.loss[rows, choice].sum()),
+                "bops_ratio": float(self.bops[rows, choice].sum() / (self.macs.sum() * FLOAT_BITS**2))}
+
+
+class MixedPrecisionPass:
+    name = "mixed-precision"
+
+    def run(self, state: CompileState) -> None:
+        budget = budget_of(state.options)
+        if budget is None:
+            return
+        opts = state.options
+        t = self._tables(state, budget)
+        if opts.sweep:
+            write_sweep(opts.sweep, budget, self._sweep(state, t))
+        choice, emitted = self._apply(state, t, getattr(opts, budget))
+        joint = self._joint(state, t)
+        candidates, layers, loss = t.candidates, t.layers, t.loss
+        state.report.mixed = {
+            "budget": {budget: getattr(opts, budget)}, "candidates": [c.label for c in candidates],
+            "samples": len(t.ref.outputs[0]) if t.ref.outputs else 0, **t.summary(choice), "measured_loss": joint,
+            "size_ratio": round(emitted / t.fp32_bytes, 6), "other_bytes": int(t.fixed), "fp32_bytes": t.fp32_bytes,
+            "layers": [{"node": l.node, "op": l.op_type, "choice": candidates[c].label,
+                        "loss": {cand.label: None if np.isnan(loss[i, j]) else float(loss[i, j])
+                                 for j, cand in enumerate(candidates)},
+                        "bytes": {cand.label: int(t.size[i, j]) for j, cand in enumerate(candidates)},
+                        "macs": int(t.macs[i])} for i, (l, c) in enumerate(zip(layers, choice))],
+        }
+        counts = {cand.label: int((choice == j).sum()) for j, cand in enumerate(candidates)}
+        state.report.note(self.name, f"{budget.replace('_', ' ')} {getattr(opts, budget)}: "
+                          + ", ".join(f"{k} ×{n}" for k, n in counts.items() if n)
+                          + f"; ΔL predicted {state.report.mixed['predicted_loss']:.4g}, measured jointly "
+                            f"{joint:.4g} on {state.report.mixed['samples']} samples; emitted "
+                            f"{emitted / t.fp32_bytes:.4f}× fp32 bytes")
+
+    def _tables(self, state: CompileState, budget: str) -> Tables:
+        """Fit every candidate's grid, price it, check the budget can be met, then measure ΔL."""
+        opts = state.options
+        candidates = parse_candidates(opts.candidates)
+        layers = list(state.plan.layers.values())
+        for layer in layers:
+            give_bias(state, layer)
+        fitted = self._fit(state, layers, candidates)
+        alone = alone_float(state, [l.node for l in layers]) if Candidate(None, None) in candidates else set()
+        unavailable = np.array([[c.w_bits is None and l.node not in alone for c in candidates] for l in layers])
+        ref = reference(state.model, state.plan, subset(state.calib), opts.threads)
+        goal = state.plan.goal
+        size = np.array([[layer_storage_bytes(l, goal, "fp32") if f is None else layer_storage_bytes(f, goal)
+                          for f in fitted[l.node]] for l in layers], np.float64)
+        macs = np.array([ref.macs[l.node] for l in layers], np.float64)
+        bops = macs[:, None] * np.array([c.bops_per_mac for c in candidates], np.float64)[None, :]
+        cost = {"size_ratio": size, "bops_ratio": bops,
+                "max_drop": size + bops / max(bops.max() * len(layers), 1.0)}[budget]  # bytes, ties by BOPs
+        fixed = output_model(state).ByteSize() - sum(layer_storage_bytes(l, goal) for l in layers)
+        t = Tables(budget, candidates, layers, fitted, np.zeros(cost.shape), size, bops, macs, cost, fixed,
+                   state.source.ByteSize(), state.plan, ref)
+        masked = np.where(unavailable, np.nan, cost)
+        if budget == "size_ratio":  # the rest of the file, measured on the smallest choice too
+            cheapest = np.nanargmin(masked, axis=1)
+            replan(state, t.old, {l.node: fitted[l.node][c] for l, c in zip(layers, cheapest)})
+            t.fixed = min(fixed, output_model(state).ByteSize() - size[np.arange(len(layers)), cheapest].sum())
+            state.plan = t.old
+        smallest = Infeasible(smallest_total(masked))
+        if budget != "max_drop" and t.limit(getattr(opts, budget)) < smallest.smallest:  # before measuring
+            raise InputError(self._infeasible(t, smallest))
+        t.loss = self._sensitivity(state, fitted, dominated(candidates, cost) | unavailable, ref)
+        return t
+
+    def _apply(self, state: CompileState, t: Tables, value: float) -> tuple[np.ndarray, int]:
+        """Solve for budget ``value`` and re-plan at the choice; returns it and the emitted file's bytes.
+        A size budget the emitted file misses lowers the limit by the excess and solves again."""
+        limit = t.limit(value)
+        emitted = 0
+        for attempt in range(SIZE_RETRIES):
+            try:
+                choice = self._solve(t, limit)
+            except InputError:
+                if attempt == 0:
+                    raise
+                raise InputError(f"--size-ratio {value}: the emitted file ({emitted / t.fp32_bytes:.4f}× of "
+                                 "fp32) is larger than the program counted and no choice fits the corrected "
+                                 "limit; raise --size-ratio") from None
+            if all(t.candidates[c].w_bits is None for c in choice):
+                raise InputError(f"--{t.budget.replace('_', '-')} {value} keeps every layer float, "
+                                 "so there is nothing to quantize; loosen it")
+            replan(state, t.old, {l.node: t.fitted[l.node][c] for l, c in zip(t.layers, choice)})
+            emitted = output_model(state).ByteSize()
+            if t.budget != "size_ratio" or emitted <= value * t.fp32_bytes:
+                return choice, emitted
+            limit -= emitted - value * t.fp32_bytes
+        raise InputError(f"--size-ratio {value}: the emitted model stays at {emitted / t.fp32_bytes:.4f}× after "
+                         f"{SIZE_RETRIES} tries; raise the budget slightly")
+
+    @staticmethod
+    def _joint(state: CompileState, t: Tables) -> float:
+        """ΔL measured with every planned layer at its chosen candidate at once (the additivity check)."""
+        probe = build_probe(state.model, state.plan, list(state.plan.layers), t.ref, state.options.threads)
+        return probe.distance({name: layer_change(layer) for name, layer in state.plan.layers.items()})
+
+    def _sweep(self, state: CompileState, t: Tables) -> list[dict]:
+        """The program solved at ``SWEEP_POINTS`` limits from the smallest achievable constrained total
+        to the largest any quantized choice reaches, each choice re-planned, emitted and measured
+        jointly (a point where every layer stays float is left out)."""
+        objective, constrained = t.program()
+        available = ~(np.isnan(objective) | np.isnan(constrained))
+        quantized = np.array([c.w_bits is not None for c in t.candidates])[None, :]
+        top = np.nanmax(np.where(available & quantized, constrained, np.nan), axis=1).sum()
+        points = []
+        for limit in state.progress.track(np.linspace(smallest_total(np.where(available, constrained, np.nan)),
+                                                      top, SWEEP_POINTS), "mixed precision: sweep", SWEEP_POINTS):
+            choice = allocate(objective, constrained, float(limit))
+            if all(t.candidates[c].w_bits is None for c in choice):
+                continue
+            replan(state, t.old, {l.node: t.fitted[l.node][c] for l, c in zip(t.layers, choice)})
+            points.append({"limit": float(limit), **t.summary(choice), "measured_loss": self._joint(state, t),
+                           "size_ratio": output_model(state).ByteSize() / t.fp32_bytes,
+                           "choices": {c.label: int((choice == j).sum()) for j, c in enumerate(t.candidates)}})
+        return points
+
+    @staticmethod
+    def _sensitivity(state: CompileState, fitted: dict[str, list], skip: np.ndarray, ref: Reference) -> np.ndarray:
+        """ΔL per layer and candidate: 0 for float, NaN where ``skip`` (not measured, not chosen)."""
+        loss = np.full(skip.shape, np.nan)
+        for i, (name, row) in enumerate(state.progress.track(fitted.items(), "mixed precision: sensitivity",
+                                                             len(fitted))):
+            measure = [j for j, fit in enumerate(row) if fit is not None and not skip[i, j]]
+            loss[i, [j for j, fit in enumerate(row) if fit is None and not skip[i, j]]] = 0.0
+            if measure:
+                probe = build_probe(state.model, state.plan, [name], ref, state.options.threads)
+                for j in measure:
+                    loss[i, j] = probe.distance({name: layer_change(row[j])})
+        return loss
+
+    @staticmethod
+    def _fit(state: CompileState, layers: list[LayerPlan], candidates: list[Candidate]) -> dict[str, list]:
+        """Per layer, per candidate: a copy of the layer on the candidate's fitted grid (None: float)."""
+        target = resolve_target(state.options.target)
+        nodes = {n.name: n for n in state.model.graph}
+        fitted = {}
+        for layer in layers:
+            node = nodes[layer.node]
+            row = []
+            for cand in candidates:
+                if cand.w_bits is None:
+                    row.append(None)
+                    continue
+                grid = weight_grid(node, layer.grid.axis, cand.w_bits, target.goal, target.weight_qmax8,
+                                   state.options.block_size)
+                copy = dataclasses.replace(layer, grid=grid, activation_input=grid.block_size is None)
+                WeightGridPass.fit(state, copy, state.options.weight_method, target.int16_pairs,
+                                   attr(node, "group", 1))
+                row.append(copy)
+            fitted[layer.node] = row
+        return fitted
+
+    @staticmethod
+    def _solve(t: Tables, limit: float) -> np.ndarray:
+        try:
+            return allocate(*t.program(), limit)
+        except Infeasible as exc:
+            raise InputError(MixedPrecisionPass._infeasible(t, exc)) from None
+
+    @staticmethod
+    def _infeasible(t: Tables, exc: Infeasible) -> str:
+        """The one-line message for a budget below the smallest achievable value ``exc.smallest``."""
+        labels = ",".join(c.label for c in t.candidates)
+        if t.budget == "size_ratio":
+            return (f"--size-ratio is below the smallest file these candidates ({labels}) reach: "
+                    f"{(t.fixed + exc.smallest) / t.fp32_bytes:.4f}× of the fp32 bytes; raise --size-ratio to at "
+                    "least that" + ("" if t.old.goal != "speed" else
+                                    " (or --target ort-cpu-size, which stores weights below 8 bits packed)"))
+        if t.budget == "bops_ratio":
+            return (f"--bops-ratio is below the smallest these candidates ({labels}) reach: "
+                    f"{exc.smallest / (t.macs.sum() * FLOAT_BITS**2):.5f} of the fp32 BOPs; raise it to at least "
+                    "that or add lower-bit candidates")
+        hint = ("float is offered only to layers that can be kept float alone" if "float" in labels
+                else "or add float to --candidates")
+        return (f"--max-drop is below the smallest predicted loss these candidates ({labels}) reach: "
+                f"{exc.smallest:.6g}; raise it ({hint})")

@@ -1,0 +1,165 @@
+"""Layer sensitivity ΔL(l, c): how far the model's outputs move from fp32 when only layer l is quantized.
+
+What is measured: the fused fp32 graph in which layer l's weight is replaced by ŵ = q·s, the exact
+values emission's codes stand for at candidate c (pair-safe where the target needs it), and its input
+x by the Q/DQ value of x on the calibrated grid (unless c reads a float input, as int4 MatMulNBits
+does); every other layer stays fp32. ΔL is the distance of the outputs to the fp32 outputs on the first
+``SAMPLES`` calibration samples (a fixed subset, so every candidate is measured on the same inputs),
+summed over the float outputs:
+
+* class scores — an output computed by Softmax/LogSoftmax (probabilities) or by a Gemm/MatMul
+  (logits): the mean over positions of KL(p_fp32 ‖ p);
+* any other output: 1 − cosine, per sample, averaged.
+
+Measured against fp32 rather than against the all-8-bit model, so "keep float" costs exactly 0 and
+no run, and ΔL(l, c) contains no interaction with the other layers' rounding — which is what the
+integer program's additivity assumes; ``Probe.distance`` with every chosen candidate at once measures
+how far that assumption holds.
+
+How, cheaply: no emission and no integer kernels, one probe model per layer. In layer l's probe its
+weight is a graph input and its input x becomes x + m·(DQ(Q(x)) − x) with a scalar input m ∈ {0, 1};
+every other weight stays a constant, so onnxruntime pre-packs those layers as in the fp32 model. Each
+candidate of l is then one run over the subset (in one batch where the model's batch axis is free)
+with two inputs set, in one session. A probe with every layer variable (``build_probe`` with all
+names) is as exact but runs ≈ 3× slower than the fp32 model (EfficientNet-Lite0), as no weight can be
+pre-packed: it serves the one joint run of the additivity check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxptq import runtime
+from onnxptq.data import CalibrationSet
+from onnxptq.graph import add_initializer
+from onnxptq.metrics import cosine, mean_kl
+from onnxptq.passes.calibration import with_outputs
+from onnxptq.passes.layer_moments import output_channels
+from onnxptq.plan import LayerPlan, QuantPlan
+
+SAMPLES = 16  # calibration samples ΔL is measured on (the first ones; all if fewer): ≈ 1 s per
+# candidate on EfficientNet-Lite0 on a loaded 2-core host
+CLASS_SCORES = {"Softmax": True, "LogSoftmax": False, "Gemm": False, "MatMul": False}  # op → probabilities?
+
+
+def subset(calib: CalibrationSet, samples: int = SAMPLES) -> CalibrationSet:
+    """The first ``samples`` samples of ``calib``."""
+    return calib.split(len(calib) - samples)[0] if len(calib) > samples else calib
+
+
+def _fake_quantized_input(graph: ir.Graph, node: ir.Node, scale: np.float32, zero_point: int) -> str:
+    """Route ``node``'s input x through x + m·(DQ(Q(x)) − x); returns the name of the new input m."""
+    x = node.inputs[0]
+    prefix = f"{node.name}.probe"
+    mask = ir.Value(name=f"{prefix}.mask", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
+    graph.inputs.append(mask)
+    s = add_initializer(graph, f"{prefix}.scale", np.array(scale, np.float32))
+    z = add_initializer(graph, f"{prefix}.zero_point", np.array(zero_point, np.uint8))
+    q = ir.node("QuantizeLinear", [x, s, z], name=f"{prefix}.q")
+    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{prefix}.dq")
+    error = ir.node("Sub", [dq.outputs[0], x], name=f"{prefix}.error")
+    gated = ir.node("Mul", [error.outputs[0], mask], name=f"{prefix}.gated")
+    out = ir.node("Add", [x, gated.outputs[0]], name=f"{prefix}.input")
+    for n in (q, dq, error, gated, out):
+        n.outputs[0].name = n.name
+    graph.insert_before(node, [q, dq, error, gated, out])
+    node.replace_input_with(0, out.outputs[0])
+    return mask.name
+
+
+@dataclass
+class Probe:
+    """A probe session over a fixed sample subset, with the fp32 reference outputs.
+
+    ``weights``/``masks``: layer → input name of its weight / of its input-quantization switch (no
+    switch when the input is not quantized in the plan).
+    """
+
+    session: object
+    feeds: list[dict[str, np.ndarray]]
+    base: dict[str, np.ndarray]
+    weights: dict[str, str]
+    masks: dict[str, str]
+    reference: "Reference"
+
+    def run(self, layers: dict[str, tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+        """The float outputs over the subset with each named layer's weight replaced and, if its flag
+        is set, its input quantized."""
+        changed = {}
+        for name, (weight, quantize_input) in layers.items():
+            changed[self.weights[name]] = weight
+            if name in self.masks:
+                changed[self.masks[name]] = np.array(1.0 if quantize_input else 0.0, np.float32)
+        names = self.reference.names
+        chunks = [self.session.run(names, {**feed, **self.base, **changed}) for feed in self.feeds]
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
+
+    def distance(self, layers: dict[str, tuple[np.ndarray, bool]]) -> float:
+        """Σ over outputs of the distance to fp32 (module doc) with ``layers`` changed as in ``run``."""
+        total = 0.0
+        for ref, test, normalized in zip(self.reference.outputs, self.run(layers), self.reference.normalized):
+            total += 1.0 - cosine(ref, test) if normalized is None else mean_kl(ref, test, normalized)
+        return total
+
+
+@dataclass
+class Reference:
+    """The fp32 model's float outputs on the subset, and per layer the multiply-accumulates of one
+    sample; ``normalized`` per output: True for probabilities, False for logits, None if not class
+    scores."""
+
+    names: list[str]
+    normalized: list[bool | None]
+    outputs: list[np.ndarray]
+    feeds: list[dict[str, np.ndarray]]
+    macs: dict[str, int]
+
+
+def reference(model: ir.Model, plan: QuantPlan, data: CalibrationSet, threads: int = 0) -> Reference:
+    """Run the fused fp32 ``model`` on ``data`` (one batch where the batch axis is free)."""
+    values = [v for v in model.graph.outputs if v.dtype == ir.DataType.FLOAT]
+    names = [v.name for v in values]
+    normalized = [None if v.producer() is None else CLASS_SCORES.get(v.producer().op_type) for v in values]
+    nodes = {n.name: n for n in model.graph}
+    layer_outputs = [nodes[name].outputs[0].name for name in plan.layers]
+    session = runtime.session(with_outputs(model, layer_outputs), threads=threads, level="basic")
+    feeds = list(data.batches(max(len(data), 1)))
+    one = next(data.batches(1))
+    first = dict(zip(layer_outputs, session.run(layer_outputs, one)))
+    macs = {name: int(layer.weight.size * (first[out].size // output_channels(layer)))
+            for (name, layer), out in zip(plan.layers.items(), layer_outputs)}
+    chunks = [session.run(names, feed) for feed in feeds]
+    outputs = [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
+    return Reference(names, normalized, outputs, feeds, macs)
+
+
+def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Reference, threads: int = 0) -> Probe:
+    """The probe over the fused fp32 ``model`` (left unchanged) in which the named ``layers`` of
+    ``plan`` are variable."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    graph = copy.graph
+    nodes = {n.name: n for n in graph}
+    weights, masks, base = {}, {}, {}
+    for name in layers:
+        layer, node = plan.layers[name], nodes[name]
+        w = ir.Value(name=f"{name}.probe.weight", type=ir.TensorType(ir.DataType.FLOAT),
+                     shape=ir.Shape(layer.weight.shape))
+        graph.inputs.append(w)
+        node.replace_input_with(1, w)
+        weights[name], base[w.name] = w.name, layer.weight
+        if node.inputs[0].name in plan.activations:
+            scale, zero_point = plan.act_params(node.inputs[0].name)
+            masks[name] = _fake_quantized_input(graph, node, scale, zero_point)
+            base[masks[name]] = np.array(0.0, np.float32)
+    common.RemoveUnusedNodesPass()(copy)  # the replaced weight initializers
+    session = runtime.session(ir.serde.serialize_model(copy), threads=threads, level="all")
+    return Probe(session, ref.feeds, base, weights, masks, ref)
+
+
+def layer_change(layer: LayerPlan) -> tuple[np.ndarray, bool]:
+    """What the probe changes for ``layer`` as planned: its ŵ, and whether its input is quantized."""
+    return layer.dequantized(), layer.activation_input

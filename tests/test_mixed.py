@@ -1,0 +1,341 @@
+"""Mixed precision: the integer program against brute force, the byte count against emitted files, the
+sensitivity probe against a numpy forward pass, per-layer bits after onnxruntime's optimizer, budgets."""
+
+import importlib
+import itertools
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxptq
+from conftest import fvi, make_model
+from onnxptq import pipelines
+from onnxptq.api import PIPELINE
+from onnxptq.cli import main
+from onnxptq.data import load_calibration
+from onnxptq.errors import InputError
+from onnxptq.kernels.allocation import Infeasible, allocate
+from onnxptq.kernels.quant import fake_quantize
+from onnxptq.costs import layer_storage_bytes, storage_bytes
+from onnxptq.metrics import mean_kl
+from onnxptq.model_io import to_ir
+from onnxptq.passes.emission import emit_model
+from onnxptq.passes.candidates import Candidate, dominated, parse_candidates
+from onnxptq.passes.mixed import SWEEP_POINTS, alone_float
+from onnxptq.passes.select import SelectPass
+from onnxptq.passes.sensitivity import build_probe, layer_change, reference
+from onnxptq.passes.verification import fusion_coverage, optimized_kernels
+from onnxptq.state import CompileOptions, CompileState, run_passes
+
+
+def brute_force(f, g, limit):
+    """The least Σ f over all one-per-row choices with Σ g ≤ limit (None if there is none)."""
+    best = None
+    for choice in itertools.product(*[range(f.shape[1])] * f.shape[0]):
+        rows = np.arange(f.shape[0])
+        fc, gc = f[rows, choice], g[rows, choice]
+        if np.isnan(fc).any() or np.isnan(gc).any() or gc.sum() > limit:
+            continue
+        best = fc.sum() if best is None else min(best, fc.sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_program_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    layers, cands = rng.integers(3, 6), rng.integers(2, 5)
+    f = rng.random((layers, cands)).round(3)
+    g = rng.integers(1, 1_000_000, (layers, cands)).astype(float)
+    if seed % 2:
+        f[0, 0] = np.nan  # a candidate layer 0 cannot take
+    lo, hi = np.nanmin(g, 1).sum(), np.nanmax(g, 1).sum()
+    for limit in np.linspace(lo, hi, 5):
+        choice = allocate(f, g, limit)
+        rows = np.arange(layers)
+        assert g[rows, choice].sum() <= limit and not np.isnan(f[rows, choice]).any()
+        assert f[rows, choice].sum() == pytest.approx(brute_force(f, g, limit), abs=1e-9)
+
+
+def test_tight_budget_takes_the_only_fitting_choice():
+    # Limits met with equality by exactly one choice of the least loss.
+    f = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    g = np.array([[10.0, 1.0], [10.0, 2.0], [10.0, 3.0]])
+    np.testing.assert_array_equal(allocate(f, g, 6.0), [1, 1, 1])  # the cheapest of every layer: 1 + 2 + 3
+    np.testing.assert_array_equal(allocate(f, g, 13.0), [1, 1, 0])  # 1 + 2 + 10; 1 + 10 + 3 is 14
+
+
+def test_infeasible_budget_names_the_smallest_total():
+    f = np.ones((3, 2))
+    g = np.array([[4.0, 2.0], [5.0, np.nan], [1.0, 3.0]])
+    with pytest.raises(Infeasible) as err:
+        allocate(f, g, 7.999)
+    assert err.value.smallest == 8.0
+    assert allocate(f, g, 8.0).tolist() == [1, 0, 0]
+
+
+def test_mean_kl_matches_the_definition(rng):
+    logits = rng.standard_normal((5, 7)) * 3
+    other = logits + rng.standard_normal((5, 7))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    q = np.exp(other) / np.exp(other).sum(1, keepdims=True)
+    expected = np.mean([(pi * np.log(pi / qi)).sum() for pi, qi in zip(p, q)])
+    assert mean_kl(logits, other) == pytest.approx(expected, rel=1e-9)
+    assert mean_kl(p, q, normalized=True) == pytest.approx(expected, rel=1e-6)
+    assert mean_kl(logits, logits) == 0.0
+
+
+def test_candidates_parse_and_reject():
+    assert parse_candidates("w8a8, w4,float") == [Candidate(8, 8), Candidate(4, 8), Candidate(None, None)]
+    for bad in ("w5a8", "w4a4", "w8a8,w8", "int4", "float"):
+        with pytest.raises(InputError, match="--candidates"):
+            parse_candidates(bad)
+
+
+def test_dominated_candidates_are_the_costlier_fewer_bit_ones():
+    cands = parse_candidates("w8a8,w4a8,w2a8,float")
+    cost = np.array([[10.0, 10.0, 10.0, 40.0],   # int8-stored Conv: 4 and 2 bits cost what 8 bits cost
+                     [10.0, 6.0, 10.0, 40.0]])   # 2 bits no cheaper than 4: dominated by 4 (and 8)
+    np.testing.assert_array_equal(dominated(cands, cost), [[False, True, True, False], [False, False, True, False]])
+
+
+def mlp(rng, width=192) -> onnx.ModelProto:
+    """MatMul → Relu → Conv 1×1 (as [N, C, 1, 1]) → Relu → Gemm(transB): big enough that payloads dominate."""
+    f = lambda *s: (rng.standard_normal(s) / np.sqrt(s[1] if len(s) > 1 else 4)).astype(np.float32)  # noqa: E731
+    inits = {"w1": f(48, width), "wc": f(width, width, 1, 1), "bc": f(width), "w3": f(10, width), "b3": f(10),
+             "shape4": np.array([0, width, 1, 1], np.int64), "shape2": np.array([0, width], np.int64)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("Reshape", ["r1", "shape4"], ["r1_4d"], name="to4d"),
+        helper.make_node("Conv", ["r1_4d", "wc", "bc"], ["h2"], name="conv"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("Reshape", ["r2", "shape2"], ["r2_2d"], name="to2d"),
+        helper.make_node("Gemm", ["r2_2d", "w3", "b3"], ["y"], name="fc", transB=1),
+    ]
+    return make_model(nodes, [fvi("x", ["N", 48])], [fvi("y", ["N", 10])], inits)
+
+
+@pytest.fixture
+def mlp_data(rng):
+    return mlp(rng), {"x": rng.standard_normal((48, 48)).astype(np.float32)}
+
+
+def planned(model, calib, bits=None, **options) -> CompileState:
+    """A compile state after the weight grids, with per-layer ``bits`` (None: float) if given."""
+    state = CompileState(source=model, model=to_ir(model), options=CompileOptions(**options),
+                         calib=load_calibration(calib, model, None), holdout=None)
+    core = [SelectPass(bits) if p.name == "select" else p for p in pipelines.build("calibration", PIPELINE)]
+    run_passes(state, core[:[p.name for p in core].index("emission")])
+    return state
+
+
+def payload(model: onnx.ModelProto, node_name: str) -> int:
+    """Bytes of the tensors behind a node's weight and bias in an emitted model (through their DQ)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    total = 0
+    for name in node.input[1:]:
+        sources = producers[name].input if name in producers else [name]
+        for t in (inits[s] for s in sources if s in inits):
+            total += len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+    return total
+
+
+@pytest.mark.parametrize("bits", [{}, {"mm1": 4, "conv": 2, "fc": 4}, {"mm1": None, "conv": 3, "fc": 8}])
+def test_byte_count_matches_the_emitted_file(mlp_data, bits):
+    state = planned(*mlp_data, bits=bits, target="ort-cpu-avx2")
+    out = ir.serde.serialize_model(emit_model(state.model, state.plan))
+    for name in ("mm1", "conv", "fc"):
+        layer = state.plan.layers.get(name)
+        if layer is None:  # kept float: the fp32 weight stays
+            w = next(t for t in out.graph.initializer if t.name == "w1")
+            expected = storage_bytes("fp32", tuple(w.dims), w.dims[1], False)
+        else:
+            expected = layer_storage_bytes(layer, state.plan.goal)
+        assert payload(out, name) == expected, name
+
+
+def test_float_and_int4_layers_after_the_optimizer(mlp_data):
+    # the size target stores a 4-bit MatMul/Gemm as int4 blocks for MatMulNBits (speed keeps int8 codes)
+    state = planned(*mlp_data, bits={"mm1": None, "conv": 2, "fc": 4}, target="ort-cpu-size")
+    assert set(state.plan.layers) == {"conv", "fc"} and state.plan.layers["conv"].grid.qmax == 1
+    assert "x" not in state.plan.activations, "the float layer's input pair is dropped"
+    assert state.plan.layers["fc"].grid.storage == "int4" and not state.plan.layers["fc"].activation_input
+    proto = ir.serde.serialize_model(emit_model(state.model, state.plan))
+    kernels = optimized_kernels(proto)
+    assert kernels["mm1"] == "MatMul" and kernels["conv"] == "QLinearConv"
+    # fc: int4 blocked weight, float input (onnxruntime 1.32 fuses this into MatMulNBits only for a
+    # MatMul; a Gemm keeps DQ + Gemm, as at uniform --w-bits 4)
+    nodes = {o: n for n in proto.graph.node for o in n.output}
+    fc = next(n for n in proto.graph.node if n.name == "fc")
+    weight_dq = nodes[fc.input[1]]
+    codes = next(t for t in proto.graph.initializer if t.name == weight_dq.input[0])
+    assert codes.data_type == onnx.TensorProto.INT4 and nodes[fc.input[0]].op_type != "DequantizeLinear"
+
+
+def test_probe_matches_a_numpy_forward_pass(mlp_data):
+    model, calib = mlp_data
+    state = planned(model, calib, target="ort-cpu-avx2")
+    ref = reference(state.model, state.plan, load_calibration(calib, model, None))
+    probe = build_probe(state.model, state.plan, ["mm1"], ref)
+    w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def forward(w1, x_q=None):
+        h = np.maximum((x_q if x_q is not None else calib["x"]) @ w1, 0)
+        h = np.maximum(h @ w["wc"][:, :, 0, 0].T + w["bc"], 0)
+        return h @ w["w3"].T + w["b3"]
+
+    np.testing.assert_allclose(ref.outputs[0], forward(w["w1"]), rtol=1e-4, atol=1e-4)
+    layer = state.plan.layers["mm1"]
+    w_hat, quantize_input = layer_change(layer)
+    s, z = state.plan.act_params("x")
+    x_q = fake_quantize(calib["x"], s, z, 0, 255)
+    np.testing.assert_allclose(probe.run({"mm1": (w_hat, True)})[0], forward(w_hat, x_q), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(probe.run({"mm1": (w_hat, False)})[0], forward(w_hat), rtol=1e-4, atol=1e-4)
+    assert quantize_input and ref.macs == {"mm1": 48 * 192, "conv": 192 * 192, "fc": 192 * 10}, "MACs per sample"
+    assert probe.distance({}) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_size_budget_is_met_by_the_emitted_file_and_optimal(mlp_data, tmp_path):
+    model, calib = mlp_data
+    ratio = 0.25  # between the smallest packed file (0.167) and all-8-bit (0.294)
+    result = onnxptq.compile(model, calib, tmp_path / "q.onnx", size_ratio=ratio, target="ort-cpu-size")
+    mixed = result.report["mixed"]
+    written = (tmp_path / "q.onnx").stat().st_size
+    assert written <= ratio * model.ByteSize() and result.report["model"]["size_ratio"] <= ratio
+    # the choice is the brute-force optimum of the measured tables under the same byte limit
+    labels = mixed["candidates"]
+    loss = np.array([[l["loss"][c] for c in labels] for l in mixed["layers"]], float)  # None: not measured
+    size = np.array([[l["bytes"][c] for c in labels] for l in mixed["layers"]], float)
+    assert mixed["predicted_loss"] == pytest.approx(brute_force(loss, size, ratio * mixed["fp32_bytes"]
+                                                                 - mixed["other_bytes"]), abs=1e-12)
+    assert {l["node"]: l["choice"] for l in mixed["layers"]}.keys() == {"mm1", "conv", "fc"}
+    assert mixed["measured_loss"] > 0 and np.isfinite(mixed["measured_loss"])
+    again = onnxptq.compile(model, calib, tmp_path / "again.onnx", size_ratio=ratio, target="ort-cpu-size")
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes(), "deterministic"
+    assert again.report["mixed"] == mixed
+    assert [l["w_bits"] for l in result.report["layers"]] == \
+        [int(l["choice"][1]) for l in mixed["layers"] if l["choice"] != "float"]
+
+
+def test_infeasible_size_budget_is_one_line_and_writes_nothing(mlp_data, tmp_path, capsys):
+    model, calib = mlp_data
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib)
+    code = main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--size-ratio", "0.05", "--candidates", "w8a8,w4a8", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "q.onnx").exists()
+    smallest = float(err.split("reach: ")[1].split("×")[0])
+    assert "raise --size-ratio to at least" in err and 0.2 < smallest < 0.3, err
+    # the named smallest ratio is achievable
+    assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--size-ratio", f"{smallest + 0.0005:.4f}", "--candidates", "w8a8,w4a8",
+                 "-q"]) == 0
+
+
+def test_bops_and_max_drop_budgets(mlp_data, tmp_path):
+    model, calib = mlp_data
+    r = onnxptq.compile(model, calib, None, bops_ratio=3 * 8 / 1024, target="ort-cpu-avx2").report["mixed"]
+    assert r["bops_ratio"] <= 3 * 8 / 1024
+    loose = onnxptq.compile(model, calib, None, max_drop=1.0, target="ort-cpu-avx2").report["mixed"]
+    assert loose["predicted_loss"] <= 1.0 and all(l["choice"] != "float" for l in loose["layers"])
+    tight = onnxptq.compile(model, calib, None, max_drop=1e-5, target="ort-cpu-avx2").report["mixed"]
+    assert tight["predicted_loss"] <= 1e-5 and any(l["choice"] == "float" for l in tight["layers"])
+    with pytest.raises(InputError, match="keeps every layer float"):  # only float layers lose nothing
+        onnxptq.compile(model, calib, None, max_drop=1e-12, target="ort-cpu-avx2")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"size_ratio": 0.2, "max_drop": 0.1}, "give one mixed-precision budget"),
+    ({"size_ratio": 1.5}, "must be in"),
+    ({"bops_ratio": 0.1, "w_bits": 4}, "leave --w-bits at 8"),
+    ({"max_drop": 0.1, "weight_solver": "bitsplit"}, "--weight-solver"),
+    ({"max_drop": 0.1, "candidates": "w9"}, "--candidates"),
+])
+def test_bad_mixed_options(mlp_data, options, message):
+    with pytest.raises(InputError, match=message):
+        onnxptq.compile(*mlp_data, None, **options)
+
+
+def test_cli_summary_and_json_show_the_chosen_bits(mlp_data, tmp_path, capsys):
+    model, calib = mlp_data
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib)
+    assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--size-ratio", "0.3", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    for layer in report["mixed"]["layers"]:
+        assert f"{layer['node']} {layer['choice']}" in out
+    assert "predicted" in out and "measured" in out
+
+
+def test_float_is_offered_only_where_it_takes_no_other_layer_along(rng):
+    """Conv → Conv → Conv: a float layer's output stays float, so the next Conv would turn float too."""
+    f = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", [x, w], [y], name=n, pads=[1, 1, 1, 1])
+             for n, x, w, y in (("a", "x", "wa", "ya"), ("b", "ya", "wb", "yb"), ("c", "yb", "wc", "y"))]
+    model = make_model(nodes, [fvi("x", ["N", 4, 8, 8])], [fvi("y", ["N", 4, 8, 8])],
+                       {"wa": f(4, 4, 3, 3), "wb": f(4, 4, 3, 3), "wc": f(4, 4, 3, 3)})
+    calib = {"x": rng.standard_normal((12, 4, 8, 8)).astype(np.float32)}
+    state = planned(model, calib)
+    assert alone_float(state, ["a", "b", "c"]) == {"c"}
+    cascade = planned(model, calib, bits={"b": None})
+    assert set(cascade.plan.layers) == {"a"}, "keeping b float pins c's input: c turns float too"
+    with pytest.raises(InputError, match="smallest predicted loss") as err:
+        onnxptq.compile(model, calib, None, max_drop=1e-9, candidates="w8a8,float")
+    smallest = float(str(err.value).split("reach: ")[1].split(";")[0])
+    mixed = onnxptq.compile(model, calib, None, max_drop=smallest * 1.001, candidates="w8a8,float").report["mixed"]
+    assert [l["choice"] for l in mixed["layers"]] == ["w8a8", "w8a8", "float"]
+    assert mixed["layers"][0]["loss"]["float"] is None
+
+
+def test_sweep_writes_a_monotone_pareto_table_and_plot(mlp_data, tmp_path, capsys):
+    model, calib = mlp_data
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib)
+    assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--size-ratio", "0.25", "--target", "ort-cpu-size", "--sweep", str(tmp_path / "sweep"), "-q"]) == 0
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "sweep" / "pareto.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| limit")]
+    assert len(rows) == SWEEP_POINTS
+    limits, predicted, sizes = ([float(r[k]) for r in rows] for k in (0, 1, 3))
+    assert limits == sorted(limits) and predicted == sorted(predicted, reverse=True), "a looser budget never loses more"
+    assert sizes[0] < sizes[-1]
+    assert (tmp_path / "sweep" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, ratio", [("efficientnet_lite0", 0.17), ("magika", 0.17)])
+def test_real_model_meets_its_size_budget(name, ratio, tmp_path):
+    """Packed storage (ort-cpu-size), just above the smallest files the candidates reach (0.159×, 0.152×)
+    and well below 8-bit (0.275×, 0.274×); the file must fit."""
+    ex = importlib.import_module(f"examples.{name}.example")
+    fp32 = ex.fp32_model()
+    result = onnxptq.compile(fp32, ex.calibration_set(64), tmp_path / "q.onnx", size_ratio=ratio,
+                             target="ort-cpu-size")
+    assert (tmp_path / "q.onnx").stat().st_size <= ratio * fp32.stat().st_size
+    assert result.report["verification"]["coverage"] == 1.0
+    choices = {l["choice"] for l in result.report["mixed"]["layers"]}
+    assert "w8a8" in choices and len(choices) > 1, "a real mix"
+
+
+def test_add_before_an_int4_matmul_stays_float(rng):
+    """MatMulNBits reads a float input, so an Add feeding it would only round for nothing (magika: its
+    LayerNorm's last Add before the int4 Dense ran as a float Add between a Q/DQ pair)."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("MatMul", ["hb", "w2"], ["y"], name="mm2")]
+    model = make_model(nodes, [fvi("x", ["N", 5, 64])], [fvi("y", ["N", 5, 32])],
+                       {"w1": f(64, 64), "b1": f(64), "w2": f(64, 32)})
+    state = planned(model, {"x": f(20, 5, 64)}, bits={"mm1": 8, "mm2": 4}, target="ort-cpu-size")
+    assert "bias1" not in state.plan.ops and "hb" not in state.plan.activations
+    kernels = optimized_kernels(ir.serde.serialize_model(emit_model(state.model, state.plan)))
+    assert fusion_coverage(state.plan.ops, kernels)["coverage"] == 1.0, kernels
