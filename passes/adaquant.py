@@ -31,11 +31,12 @@ Blocked int4 grids (MatMulNBits) have one step per (block, column) and a float i
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from threadpoolctl import threadpool_limits
 from onnxptq.capture import LayerIO, capture, channel_axis, layer_io
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, consumers
-from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit
+from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit, full_loss
 from onnxptq.kernels.quant import channel_rows, from_channel_rows, quantize
 from onnxptq.kernels.saturation import PAIR_LIMIT
 from onnxptq.passes.bias_correction import give_bias
@@ -80,7 +81,10 @@ class RowFile:
         return str(self.path), (self.count, *self.shape)
 
 
-def open_rows(spec: tuple[str, tuple[int, ...]]) -> np.ndarray:
+RowSpec = tuple[str, tuple[int, ...]]  # (path, shape) of a finished RowFile
+
+
+def open_rows(spec: RowSpec) -> np.ndarray:
     return np.memmap(spec[0], np.float32, "r", shape=spec[1])
 
 
@@ -99,20 +103,21 @@ class LayerRows:
             self.y.append(y)
 
 
-def fit_files(problem: LayerProblem, x_spec: tuple[str, tuple[int, ...]], y_spec: tuple[str, tuple[int, ...]],
-              settings: Settings, seed: int) -> tuple[Fit, float]:
+def row_reader(x_spec: RowSpec, y_spec: RowSpec) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``rows(index)`` → (x [G, B, K], y [B, M]) of a layer's row files, as ``kernels.adaquant`` reads them."""
+    x, y = open_rows(x_spec), open_rows(y_spec)
+    return lambda index: (np.ascontiguousarray(x[index].transpose(1, 0, 2)), np.asarray(y[index]))
+
+
+def fit_files(problem: LayerProblem, x_spec: RowSpec, y_spec: RowSpec, settings: Settings,
+              seed: int) -> tuple[Fit, float]:
     """Fit one layer on its row files; (fit, seconds). Module-level so a worker process can run it."""
     start = time.perf_counter()
-    x, y = open_rows(x_spec), open_rows(y_spec)
-
-    def rows(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.ascontiguousarray(x[index].transpose(1, 0, 2)), np.asarray(y[index])
-
     # One BLAS thread: the products are small (a minibatch of rows), and OpenBLAS's threads spin
     # against each other on a loaded host (a 256×80·80×480 product took 12–30 ms with 2 threads
     # on the shared 2-core host, 0.6 ms with one). Parallel mode runs layers in processes instead.
     with threadpool_limits(limits=1, user_api="blas"):
-        result = fit(problem, rows, len(y), settings, seed)
+        result = fit(problem, row_reader(x_spec, y_spec), y_spec[1][0], settings, seed)
     return result, time.perf_counter() - start
 
 
@@ -165,9 +170,9 @@ class AdaQuantPass:
                             for layer in layers]
                 jobs = [(p, fp32[layer.node].x.close(), targets[layer.node], settings, seed)
                         for layer, p in zip(layers, problems)]
-                for layer, problem, (result, seconds) in zip(layers, problems, self._map(state, jobs)):
-                    write_back(state, layer, problem, result)
-                    report.append(_report_row(layer, ios[layer.node], problem, result, seconds))
+                for job, layer, (result, seconds) in zip(jobs, layers, self._map(state, jobs)):
+                    result = write_checked(state, layer, ios[layer.node], job[0], result, *job[1:3])
+                    report.append(_report_row(layer, ios[layer.node], job[0], result, seconds))
             else:
                 groups = level_groups(state.model.graph, state.plan.layers)
                 for group in state.progress.track(groups, "adaquant: levels", len(groups)):
@@ -178,9 +183,10 @@ class AdaQuantPass:
                                         integer_level(state))
                     for layer in level:
                         problem = layer_problem(state, layer, ios[layer.node], open_rows(targets[layer.node]))
-                        result, seconds = fit_files(problem, quantized[layer.node].x.close(), targets[layer.node],
-                                                    settings, seed)
-                        write_back(state, layer, problem, result)
+                        x_spec = quantized[layer.node].x.close()
+                        result, seconds = fit_files(problem, x_spec, targets[layer.node], settings, seed)
+                        result = write_checked(state, layer, ios[layer.node], problem, result, x_spec,
+                                               targets[layer.node])
                         report.append(_report_row(layer, ios[layer.node], problem, result, seconds))
         state.report.passes.append({"name": self.name, "layers": report})
         ratios = [r["vs_rtn"] for r in report if r["vs_rtn"] is not None] or [1.0]
@@ -266,6 +272,26 @@ def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndar
         learn_x_step=movable_input_step(state, layer),
         x_step_max=_input_step_cap(state, layer, x_zero) if layer.activation_input else np.inf,
         bound=output_bound(state, layer))
+
+
+def write_checked(state: CompileState, layer: LayerPlan, io: LayerIO, problem: LayerProblem, result: Fit,
+                  x_spec: RowSpec, y_spec: RowSpec) -> Fit:
+    """``write_back``, then the loss of the layer as written, on the same rows: the safe-scale floors
+    applied there can undo part of a fit (on AVX2, raising an 8-bit channel's step to keep its pairs
+    safe re-rounds the fitted weights; EfficientNet-Lite0's stem at 8 bits ended at 3× round-to-nearest's
+    loss). Where the written layer is not better than round-to-nearest, round-to-nearest is put back.
+    Returns the fit with the loss of what the plan now holds."""
+    root = state.plan.root(layer.input_name) if layer.activation_input else None
+    saved = (layer.weight, layer.bias, layer.grid.scale, None if root is None else (root.lo, root.hi))
+    write_back(state, layer, problem, result)
+    written = layer_problem(state, layer, io, open_rows(y_spec))
+    loss = full_loss(written, written.initial(), row_reader(x_spec, y_spec), y_spec[1][0])
+    if loss < result.loss_rtn:
+        return dataclasses.replace(result, loss=loss)
+    layer.weight, layer.bias, layer.grid.scale, bounds = saved
+    if root is not None:
+        root.lo, root.hi = bounds
+    return dataclasses.replace(result, loss=result.loss_rtn)
 
 
 def write_back(state: CompileState, layer: LayerPlan, problem: LayerProblem, result: Fit) -> None:

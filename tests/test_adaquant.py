@@ -299,10 +299,13 @@ def test_advanced_pipeline_runs_adaquant_then_light():
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_adaquant_lowers_the_error_of_real_layers():
+@pytest.mark.parametrize("stem_bits", [4, 8])
+def test_adaquant_lowers_the_error_of_real_layers(stem_bits):
     """EfficientNet-Lite0 at W4A8: the stem, a depthwise and a pointwise conv. Each layer's output error
     on its captured rows, recomputed from the plan alone (ONNX-exact fake quantization of the input,
-    the plan's weights on their grid and bias, the Relu6 on both sides), drops well below round-to-nearest's."""
+    the plan's weights on their grid and bias, the Relu6 on both sides), drops well below round-to-nearest's.
+    With the stem at 8 bits (first/last layers kept at 8) on AVX2 its pair-safe floor re-rounds the fit:
+    what is written must still not be worse than round-to-nearest."""
     import copy
     import importlib
 
@@ -313,7 +316,7 @@ def test_adaquant_lowers_the_error_of_real_layers():
 
     ex = importlib.import_module("examples.efficientnet_lite0.example")
     source = load_model(ex.fp32_model())
-    state = CompileState(source=source, model=to_ir(source), options=CompileOptions(w_bits=4),
+    state = CompileState(source=source, model=to_ir(source), options=CompileOptions(w_bits=4, first_last_8bit=stem_bits == 8, target="ort-cpu-avx2"),
                          calib=load_calibration(ex.calibration_set(16), source, None), holdout=None)
     core = pipelines.build("calibration", PIPELINE)
     run_passes(state, core[:[p.name for p in core].index("emission")])
@@ -335,4 +338,8 @@ def test_adaquant_lowers_the_error_of_real_layers():
 
     AdaQuantPass(iterations=60).run(state)
     for name in names:
-        assert error(state.plan, name) < 0.8 * error(rtn, name), name
+        if state.plan.layers[name].grid.bits == 8:
+            assert error(state.plan, name) <= error(rtn, name), name
+        else:
+            assert error(state.plan, name) < 0.8 * error(rtn, name), name
+    assert state.plan.layers["stem.conv"].grid.bits == stem_bits
