@@ -56,6 +56,9 @@ def correction_passes(spec: str, core: Sequence[str]) -> list[Any]:
             if options:
                 raise InputError(f"pipeline: {name!r} is a core pass and takes no options here")
             continue
+        if "=" in name:
+            raise InputError(f"pipeline: {item!r} in {spec!r} is an option without a pass; a pass's options "
+                             "follow it separated by ':', e.g. bn-reestimate:layers=bn:target=bn")
         if name not in CORRECTIONS:
             raise InputError(f"pipeline: unknown pass {name!r} in {spec!r}; choose from "
                              f"{', '.join(CORRECTIONS)} (or a pipeline: {', '.join(NAMED)})")

@@ -166,6 +166,7 @@ def test_depth_levels_put_parallel_branches_on_one_level(rng):
     ("bn-reestimate:layers=hidden:target=bn", "layers=hidden needs target=fp32"),
     ("bias-correction:x=1", "options of bias-correction: none"),
     ("adaquant:mode=serial", "mode must be parallel or sequential"),
+    ("bn-reestimate:layers=bn,target=bn", "separated by ':'"),
 ])
 def test_spec_errors_are_one_line(spec, needle):
     with pytest.raises(InputError) as err:
