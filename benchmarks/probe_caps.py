@@ -3,12 +3,12 @@
     python -m benchmarks.probe_caps [--example efficientnet_lite0] [--runs 30]
 
 Compiles the example at W8A8 and at W4A4 (``--pipeline calibration``; the corrections do not change
-the kernels). Each 4-bit tensor t of the W4A4 model is emitted as Q(s, z+240)→DQ→Add(0)→Q(s, z)→DQ
-(``passes/emission.py``); the probe rewrites every such cap into the alternatives
+the kernels). Each 4-bit tensor t of the W4A4 model is emitted as Q(s, z) → Clip(0, 15) → DQ(s, z) on
+the uint8 codes (``passes/emission.py``); the probe rewrites every such cap into the alternatives
 
-* ``add0``      — as emitted (QLinearAdd with a constant 0);
-* ``leakyrelu`` — LeakyRelu(α = 0 for z = 0, else 1) in place of the Add (QLinearLeakyRelu, a table);
-* ``clip-u8``   — Q(s, z) → Clip(0, 15) on the uint8 codes → DQ (one pair, an integer Clip);
+* ``clip-u8``   — as emitted;
+* ``add0``      — Q(s, z+240) → DQ → Add(0) → Q(s, z) → DQ (a QLinearAdd between two pairs);
+* ``leakyrelu`` — the same with LeakyRelu(α = 0 for z = 0, else 1) (a QLinearLeakyRelu table);
 * ``merged``    — the two pairs back to back, nothing between them;
 
 and reports, per variant, the latency at ORT_ENABLE_ALL on one thread as a ratio to the W8A8 model
@@ -40,36 +40,38 @@ def _rewrite(model: onnx.ModelProto, variant: str) -> tuple[onnx.ModelProto, lis
     """``model`` with every cap in ``variant`` form, and the names of the 4-bit code tensors."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    nodes = list(out.graph.node)
-    by_output = {o: n for n in nodes for o in n.output}
-    users = collections.defaultdict(list)
-    for n in nodes:
-        for i in n.input:
-            users[i].append(n)
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    graph = out.graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    by_output = {o: n for n in graph.node for o in n.output}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input)}
     codes, drop, add = [], set(), []
-    for cap in [n for n in nodes if n.op_type == "Add" and n.name.endswith("_cap")]:
-        dq1 = by_output[cap.input[0]]
-        q1 = by_output[dq1.input[0]]
-        (q2,) = users[cap.output[0]]
-        codes.append(q2.output[0])
-        if variant == "leakyrelu":
-            alpha = 0.0 if int(inits[q2.input[2]]) == 0 else 1.0
-            add.append(helper.make_node("LeakyRelu", [cap.input[0]], [cap.output[0]], name=cap.name, alpha=alpha))
-            drop.add(cap.name)
-        elif variant == "clip-u8":
-            q1.input[2] = q2.input[2]
-            bounds = [f"{cap.name}_lo", f"{cap.name}_hi"]
-            out.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0, np.uint8), bounds[0]),
-                                          onnx.numpy_helper.from_array(np.array(15, np.uint8), bounds[1])])
-            add.append(helper.make_node("Clip", [q1.output[0], *bounds], [q2.output[0]], name=cap.name))
-            drop.update({dq1.name, cap.name, q2.name})
-        elif variant == "merged":
-            q2.input[0] = cap.input[0]
-            drop.add(cap.name)
-    kept = [n for n in nodes if n.name not in drop] + add
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
+    for cap in [n for n in graph.node if n.op_type == "Clip" and n.name.endswith("_cap")]:
+        codes.append(cap.output[0])
+        if variant == "clip-u8":
+            continue
+        q = by_output[cap.input[0]]
+        scale, zero = q.input[1], q.input[2]
+        top = f"{cap.name}_top_zero_point"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(int(inits[zero]) + 240, np.uint8), top))
+        q.input[2] = top
+        dq1 = helper.make_node("DequantizeLinear", [q.output[0], scale, top], [f"{cap.name}_top"])
+        mid = f"{cap.name}_mid"
+        if variant == "add0":
+            zeros = f"{cap.name}_zero"  # a uint8 code behind a DQ, shaped [1]·rank (a scalar is slow)
+            graph.initializer.append(onnx.numpy_helper.from_array(
+                np.zeros([1] * ranks.get(q.input[0], 0), np.uint8), zeros))
+            op = [helper.make_node("DequantizeLinear", [zeros, scale, zeros + "_zp"], [zeros + "_dq"]),
+                  helper.make_node("Add", [dq1.output[0], zeros + "_dq"], [mid])]
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.uint8), zeros + "_zp"))
+        elif variant == "leakyrelu":
+            op = [helper.make_node("LeakyRelu", [dq1.output[0]], [mid], alpha=0.0 if int(inits[zero]) == 0 else 1.0)]
+        else:  # merged
+            op, mid = [], dq1.output[0]
+        add += [dq1, *op, helper.make_node("QuantizeLinear", [mid, scale, zero], [cap.output[0]])]
+        drop.add(cap.name)
+    kept = [n for n in graph.node if n.name not in drop] + add
+    del graph.node[:]
+    graph.node.extend(kept)
     model_ir = ir.serde.deserialize_model(out)
     common.TopologicalSortPass()(model_ir)
     return ir.serde.serialize_model(model_ir), codes
@@ -94,7 +96,7 @@ def main() -> None:
     w4 = onnxptq.compile(fp32, calib, w_bits=4, a_bits=4, pipeline="calibration").model
     feed = {k: v[:1] for k, v in calib.items()}
     sessions, facts = {"W8A8": runtime.session(w8, threads=1)}, {}
-    for variant in ("add0", "leakyrelu", "clip-u8", "merged"):
+    for variant in ("clip-u8", "add0", "leakyrelu", "merged"):
         model, codes = _rewrite(w4, variant)
         sessions[variant] = runtime.session(model, threads=1)
         top = max(int(c.max()) for c in fused_codes(model, codes, feed).values())

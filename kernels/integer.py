@@ -6,8 +6,7 @@ channel scale s_w[m], zero point 0) and int32 bias codes b compute
     acc[m] = Σ_k (x_k − z_x)·q[m, k] + b[m]                       (exact, int32)
     y[m]   = clip(rint(acc[m] · (s_x·s_w[m] / s_y)) + z_y, 0, 255)   (float32 multiplier, ties to even)
 
-and QLinearAdd of a tensor and a constant 0 on one grid scale (the capped encoding of
-``passes/emission.py``) is the exact shift c ↦ clip(c − z_in + z_out, 0, 255).
+(the b-bit activations of ``passes/emission.py`` then clip those codes to [0, 2ᵇ − 1] on uint8).
 The simulation's float rounding can
 differ from the kernel's only where acc·multiplier lies within float32 error of a half-integer.
 """
@@ -46,8 +45,3 @@ def requantize(acc: np.ndarray, multiplier: np.ndarray, zero_point: int, axis: i
     scaled = acc.astype(np.float32) * np.asarray(multiplier, np.float32).reshape(shape)
     codes = np.clip(np.rint(scaled).astype(np.int64) + int(zero_point), qmin, qmax)
     return codes, np.abs(scaled - np.floor(scaled) - 0.5)
-
-
-def shift_codes(codes: np.ndarray, zero_in: int, zero_out: int) -> np.ndarray:
-    """Requantization between two grids of one scale: c ↦ clip(c − z_in + z_out, 0, 255)."""
-    return np.clip(np.asarray(codes, np.int64) - int(zero_in) + int(zero_out), 0, 255)

@@ -16,25 +16,20 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
 * lookup tables (``plan.tables``) become int8 codes that the Gather reads, dequantized after it.
 
 **Activations below 8 bits on int8 kernels** (goals ``speed`` and ``size``). A b-bit grid (s, z) has
-codes [0, Q], Q = 2ᵇ − 1, i.e. values [−z·s, (Q − z)·s]. An integer kernel requantizes its output
-into [0, 255] only, so one Q/DQ pair clamps one end of the grid at most. The encoding is
+codes [0, Q], Q = 2ᵇ − 1. It is written as one uint8 pair with the codes clipped in between:
 
-    t → Q(s, z + 255 − Q) → DQ → Add(·, 0) → Q(s, z) → DQ → consumers
+    t → Q(s, z) → Clip(0, Q) → DQ(s, z) → consumers
 
-The first pair's codes saturate at 255, i.e. at (Q − z)·s, the grid's top (and fuse into the producing
-kernel's output: QLinearConv, QGemm, QLinearAdd, …); the second pair clamps at code 0, i.e. at −z·s,
-the grid's bottom, and onnxruntime runs DQ→Add(0)→Q as one QLinearAdd with a constant zero operand.
-Both pairs have the same scale and every value between them is on the grid, so the second
-requantization is an exact shift: codes c ∈ [0, Q] = clip(rint(t/s) + z, 0, Q). A Relu/Clip absorbed
-into the layer before t is replaced by the Add (the first Q moving to its input): with z = 0 the
-second pair's clamp at 0 is the Relu. Measured on EfficientNet-Lite0 (AVX2, 1 thread) against the
-same model at W8A8: QLinearAdd(0) costs 1.02×, a QLinearLeakyRelu(α = 0/1) table 1.24×, a uint8
-Clip or Min between the pairs 1.0× at ORT_ENABLE_EXTENDED but, at ORT_ENABLE_ALL, a Transpose pair
-around each (onnxruntime's NHWC layout does not move through them; it does through QLinearAdd). Two
-pairs in a row without an op between them are merged by onnxruntime's DoubleQDQPairsRemover into one
-8-bit pair (no cap), and a uint4 Q/DQ makes its optimizer emit invalid graphs;
-``tests/test_fourbit.py`` checks the fused graph and the codes. Goal ``generic`` writes the plain
-uint4 pair instead.
+The Q fuses into the producing kernel's output as usual (QLinearConv, QGemm, QLinearAdd, …; an
+absorbed Relu/Clip is bypassed, the Q reading its input: the clipped codes stay in its bound), the Clip
+runs on the uint8 codes and the DQ fuses into the consumers' inputs, so the codes the next kernel reads are clip(rint(t/s) + z, 0, Q),
+exactly the b-bit grid. ``python -m benchmarks.probe_caps --runs 100`` compares the alternatives,
+latency vs the same model at W8A8 on this AVX2 host: Clip on the codes 1.027× (EfficientNet-Lite0) /
+1.018× (magika); two pairs Q(s, z+255−Q)→DQ→op→Q(s, z)→DQ with the op a QLinearAdd of 0 1.138× /
+1.024×, or a QLinearLeakyRelu table 1.365× / 1.040×; two pairs back to back leave EfficientNet's
+layers in float (4.2×). A uint4 Q/DQ makes onnxruntime's optimizer emit invalid graphs.
+``tests/test_fourbit.py`` checks the fused graph and the codes.
+Goal ``generic`` writes the plain uint4 pair instead.
 
 The emitted model computes, in float, exactly what the integer kernels compute in integers.
 """
@@ -85,7 +80,7 @@ class _Writer:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self.zeros: dict[int, ir.Value] = {}
+        self.bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
 
     def dq(self, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
            axis: int | None = None, block_size: int | None = None, unpack: bool = False) -> ir.Value:
@@ -118,40 +113,29 @@ class _Writer:
         return node.outputs[0]
 
     def qdq(self, value: ir.Value, scale: np.float32, zero_point: int, skip: set[str],
-            dtype: type = np.uint8, name: str | None = None) -> ir.Value:
+            dtype: type = np.uint8) -> None:
         """Route ``value`` through Q→DQ for all its consumers but those named in ``skip``; codes of
-        ``dtype`` (uint8, or ml_dtypes.uint4 for a plain 4-bit pair); returns the DQ output."""
-        q, dq = self._pair(value, scale, np.array(zero_point, dtype), name or value.name)
+        ``dtype`` (uint8, or ml_dtypes.uint4 for a plain 4-bit pair)."""
+        q, dq = self._pair(value, scale, np.array(zero_point, dtype), value.name)
         self._reroute(value, dq.outputs[0], skip | {q.name})
         self._insert_after_producer(value, [q, dq])
-        return dq.outputs[0]
 
     def capped_qdq(self, value: ir.Value, scale: np.float32, zero_point: int, qmax: int, skip: set[str],
                    source: ir.Value | None = None) -> None:
-        """Route ``value`` through the grid [0, ``qmax``] < 255 on uint8 codes (module docstring):
-        Q(s, z + 255 − qmax) → DQ → Add(·, 0) → Q(s, z) → DQ. With ``source`` (the input of an absorbed
-        Relu/Clip producing ``value``) the first Q reads ``source`` and the Add replaces that op."""
+        """Route ``value`` through Q(s, z) → Clip(0, ``qmax``) → DQ(s, z): a grid of qmax + 1 < 256 codes
+        on uint8 (module docstring). With ``source`` (the input of an absorbed Relu/Clip producing
+        ``value``) the Q reads ``source`` and that op drops out."""
         src = source if source is not None else value
-        q1, dq1 = self._pair(src, scale, np.array(zero_point + 255 - qmax, np.uint8), f"{value.name}_top")
-        rank = len(value.shape) if value.shape is not None else 0
-        shift = ir.node("Add", [dq1.outputs[0], self._zero(rank)], name=f"{value.name}_cap")
-        capped = shift.outputs[0]
-        capped.name, capped.type, capped.shape = f"{value.name}_capped", value.type, value.shape
-        self._reroute(value, capped, skip | {q1.name} if source is None else set(), outputs=False)
-        self._insert_after_producer(src, [q1, dq1, shift])
-        out = self.qdq(capped, scale, zero_point, skip, name=value.name)
-        if value.is_graph_output():
-            self._take_output(value, out)
-
-    def _zero(self, rank: int) -> ir.Value:
-        """A float 0 stored as a uint8 code behind a DequantizeLinear, shaped [1]·rank (shared by the caps
-        of that rank). A rank-0 operand sends onnxruntime's QLinearAdd down a per-element broadcast
-        loop when the other operand's innermost dimension is 1 (magika's [1, 512, 508, 1] conv output:
-        17 ms instead of 0.04 ms)."""
-        if rank not in self.zeros:
-            code = np.zeros([1] * rank, np.uint8)
-            self.zeros[rank] = self.dq(f"cap_zero{rank}", code, np.array(1.0, np.float32), np.array(0, np.uint8))
-        return self.zeros[rank]
+        q, dq = self._pair(src, scale, np.array(zero_point, np.uint8), value.name)
+        if qmax not in self.bounds:
+            self.bounds[qmax] = (add_initializer(self.graph, "cap_low", np.array(0, np.uint8)),
+                                 add_initializer(self.graph, f"cap_high{qmax}", np.array(qmax, np.uint8)))
+        clip = ir.node("Clip", [q.outputs[0], *self.bounds[qmax]], name=f"{value.name}_cap")
+        capped = clip.outputs[0]
+        capped.name, capped.type, capped.shape = f"{value.name}_capped", q.outputs[0].type, value.shape
+        dq.replace_input_with(0, capped)
+        self._reroute(value, dq.outputs[0], skip | {q.name} if source is None else set())
+        self._insert_after_producer(src, [q, clip, dq])
 
     def _pair(self, value: ir.Value, scale: np.float32, zero_point: np.ndarray, name: str) -> tuple[ir.Node, ir.Node]:
         s = add_initializer(self.graph, f"{name}_scale", np.array(scale, np.float32))
@@ -165,23 +149,19 @@ class _Writer:
         out.type, out.shape = value.type, value.shape
         return q, dq
 
-    def _reroute(self, value: ir.Value, new: ir.Value, skip: set[str], outputs: bool = True) -> None:
-        """Make ``new`` feed every consumer of ``value`` not named in ``skip`` (and, with ``outputs``,
-        take its place among the graph outputs)."""
+    def _reroute(self, value: ir.Value, new: ir.Value, skip: set[str]) -> None:
+        """Make ``new`` feed every consumer of ``value`` not named in ``skip``, and take its place (and
+        name) among the graph outputs."""
         for use in list(value.uses()):
             if use.node.name not in skip:
                 use.node.replace_input_with(use.idx, new)
-        if outputs and value.is_graph_output():
-            self._take_output(value, new)
-
-    def _take_output(self, value: ir.Value, new: ir.Value) -> None:
-        """Put ``new`` in ``value``'s place among the graph outputs, under its name."""
-        outputs = self.graph.outputs
-        i = next(k for k, v in enumerate(outputs) if v is value)
-        name = value.name
-        value.name = f"{name}_float"
-        outputs[i] = new
-        new.name = name
+        if value.is_graph_output():
+            outputs = self.graph.outputs
+            i = next(k for k, v in enumerate(outputs) if v is value)
+            name = value.name
+            value.name = f"{name}_float"
+            outputs[i] = new
+            new.name = name
 
     def _insert_after_producer(self, value: ir.Value, nodes: list[ir.Node]) -> None:
         producer = value.producer()
@@ -243,17 +223,16 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
         node.replace_input_with(2, w.dq(layer.bias_name, b_q, s_b, np.zeros(len(s_b), np.int32), axis=0))
 
 
-def _absorbed(value: ir.Value, act: ActivationPlan, ops: dict[str, str]) -> ir.Value | None:
-    """The input of the Relu/Clip producing ``value`` when selection absorbed it into the quantized op
-    before it (the grid is bounded and that op's output feeds only the Relu/Clip), else None."""
+def _absorbed(value: ir.Value, act: ActivationPlan) -> ir.Value | None:
+    """The input of the Relu/Clip producing ``value`` when selection absorbed it into a bounded grid,
+    else None. The clipped codes stay within the bound, so the op is redundant; onnxruntime itself
+    drops a Relu/Clip before a Q only when the Q's whole uint8 range fits the bound, which a 16-code
+    grid's range (255 steps) does not for a Clip."""
     producer = value.producer()
     if act.bound is None or producer is None or producer.op_type not in ("Relu", "Clip"):
         return None
     pre = producer.inputs[0]
-    before = pre.producer()
-    if before is None or before.name not in ops or len(pre.uses()) != 1 or pre.is_graph_output():
-        return None
-    return pre
+    return pre if len(pre.uses()) == 1 and not pre.is_graph_output() else None
 
 
 def _narrow(plan: QuantPlan, act: ActivationPlan) -> bool:
@@ -292,7 +271,7 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
                     use.node.replace_input_with(use.idx, dq)
         elif root.qmax < 255 and act.tied_to is None and dtype is np.uint8:
             value = values[name]
-            writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_absorbed(value, act, plan.ops))
+            writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_absorbed(value, act))
         else:
             writer.qdq(values[name], scale, zp, skip=float_input, dtype=dtype)
     common.RemoveUnusedNodesPass()(model)

@@ -29,7 +29,7 @@ Below 8 bits the target's goal (``onnxptq/target.py``) picks the weight encoding
 layer keeps int8 storage with codes in [−7, 7], [−3, 3] or [−1, 1] on the same integer kernels as
 8-bit weights; for ``size`` they are stored as int4 — MatMul/Gemm blocked along the reduction axis for
 MatMulNBits (which takes a float activation input), Conv per channel; ``generic`` stores int4 per
-channel everywhere. Activations take ``--a-bits`` (4: a 15-code grid). With ``first_last_8bit`` (the
+channel everywhere. Activations take ``--a-bits`` (4: a 16-code grid). With ``first_last_8bit`` (the
 papers' convention, on by default) the first and last weighted layers — those with no weighted layer
 before, or after, them in the graph — keep 8-bit weights, and their input activations (and the last
 layers' outputs) keep 8 bits.

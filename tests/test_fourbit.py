@@ -7,7 +7,6 @@ from onnx import helper, numpy_helper
 
 import onnxptq
 from conftest import cnn, fvi, make_model
-from onnxptq.kernels.integer import shift_codes
 from onnxptq.passes.verification import optimized_kernels
 from onnxptq.runtime import session
 from onnxptq.simulate import check_convs, fused_codes
@@ -48,8 +47,8 @@ def inits(model):
 
 @pytest.mark.parametrize("which", MODELS)
 def test_a4_runs_on_integer_kernels_only(rng, which, tmp_path):
-    """Every 4-bit tensor is capped by a QLinearAdd of 0 between its two pairs; onnxruntime keeps every
-    layer integer and does not merge the pairs."""
+    """Every 4-bit tensor is one uint8 pair with a Clip(0, 15) on the codes between Q and DQ;
+    onnxruntime keeps every layer on an integer kernel and the Clip on the codes."""
     _, q, result, _ = compile_a4(rng, which, tmp_path)
     ver = result.report["verification"]
     assert ver["coverage"] == 1.0, ver["float_leftovers"]
@@ -57,24 +56,25 @@ def test_a4_runs_on_integer_kernels_only(rng, which, tmp_path):
     ops = sorted(kernels.values())
     assert {kernels[n] for n in ("conv1", "conv2")} == {"QLinearConv"} and kernels["fc"] == "QGemm"
     assert kernels["add"] == "QLinearAdd" and kernels["gap"] == "QLinearGlobalAveragePool"
-    float_ops = [op for op in ops if not op.startswith("QLinear") and op not in ("QGemm", "MaxPool", "Flatten")]
-    assert float_ops == ["QuantizeLinear"], f"only the input Q runs in float (MaxPool/Flatten move codes): {ops}"
+    moving = ("QGemm", "MaxPool", "Flatten", "Clip")  # MaxPool/Flatten move codes, Clip clips them
+    float_ops = [op for op in ops if not op.startswith("QLinear") and op not in moving]
+    assert float_ops == ["QuantizeLinear"], f"only the input Q runs in float: {ops}"
     caps = [n for n in q.graph.node if n.name.endswith("_cap")]
-    assert len(caps) >= 4 and all(kernels[n.name] == "QLinearAdd" for n in caps)
-    assert not any(n.op_type in ("Relu", "Clip") for n in q.graph.node), "absorbed activations are replaced"
+    assert len(caps) >= 4 and all(kernels[n.name] == "Clip" for n in caps)
     zero_points = inits(q)
+    assert int(zero_points["cap_high15"]) == 15 and int(zero_points["cap_low"]) == 0
     if which == "signed":
         assert zero_points["c1_zero_point"] > 0, "a signed grid keeps its negative codes"
-        assert zero_points["c1_top_zero_point"] == zero_points["c1_zero_point"] + 240
     relu = "r1" if which == "relu-bounded" else "r2"
-    assert zero_points[f"{relu}_zero_point"] == 0 and zero_points[f"{relu}_top_zero_point"] == 240
+    assert zero_points[f"{relu}_zero_point"] == 0
+    assert "relu1" not in kernels and "relu2" not in kernels, "bounded activations are still absorbed"
 
 
 @pytest.mark.parametrize("which", MODELS)
 def test_a4_codes_match_integer_simulation(rng, which, tmp_path):
     """Per Conv layer, the codes onnxruntime's fused kernels produce equal the numpy integer simulation
-    of the planned grids from the layer's own input codes (off by one only at float rounding ties);
-    the cap is an exact shift of those codes, and every 4-bit tensor holds codes in [0, 15]."""
+    of the planned grids from the layer's own input codes (off by one only at float rounding ties), and
+    the 4-bit tensors the next layers read are those codes clipped to [0, 15]."""
     _, q, result, x = compile_a4(rng, which, tmp_path)
     convs = ["conv1", "conv2"] + (["conv3"] if which == "signed" else [])
     check = check_convs(q, convs, {"x": x[:4]})
@@ -83,13 +83,10 @@ def test_a4_codes_match_integer_simulation(rng, which, tmp_path):
     simulated = result.report["verification"]["integer_simulation"]
     assert simulated["layers"] == len(convs) and simulated["unexplained"] == 0
     capped = ["c1", "r2", "c3"] if which == "signed" else ["r1", "r2"]
-    codes = fused_codes(q, [f"{t}{part}" for t in capped for part in ("_top_quantized", "_quantized")], {"x": x[:4]})
-    qi = inits(q)
+    codes = fused_codes(q, [f"{t}{part}" for t in capped for part in ("_quantized", "_capped")], {"x": x[:4]})
     for t in capped:
-        final = codes[f"{t}_quantized"]
-        assert final.max() <= 15
-        np.testing.assert_array_equal(final, shift_codes(codes[f"{t}_top_quantized"], int(qi[f"{t}_top_zero_point"]),
-                                                         int(qi[f"{t}_zero_point"])))
+        assert codes[f"{t}_quantized"].max() > 15, "the cap has work to do"
+        np.testing.assert_array_equal(codes[f"{t}_capped"], np.minimum(codes[f"{t}_quantized"], 15))
 
 
 @pytest.mark.skipif(resolve_target("ort-cpu").name != "ort-cpu-avx2", reason="needs a CPU without VNNI")
@@ -110,9 +107,9 @@ def test_first_and_last_layers_stay_8bit(rng, tmp_path):
     assert result.report["model"]["first_last_8bit"] == ["conv1", "fc"]
     assert np.abs(qi["w1_quantized"]).max() > 7 and np.abs(qi["wf_quantized"]).max() > 7
     assert np.abs(qi["w2_quantized"]).max() == 7
-    assert "x_top_scale" not in qi and "fl_top_scale" not in qi and "gp_top_scale" not in qi, \
-        "the first and last layers read 8-bit inputs"
-    assert "c1_top_scale" in qi, "the first layer's output is a 4-bit tensor"
+    caps = {n.name for n in q.graph.node if n.name.endswith("_cap")}
+    assert not caps & {"x_cap", "fl_cap", "gp_cap"}, "the first and last layers read 8-bit inputs"
+    assert "c1_cap" in caps, "the first layer's output is a 4-bit tensor"
     assert result.report["verification"]["coverage"] == 1.0
 
 
@@ -133,7 +130,7 @@ def test_size_target_stores_int4_and_keeps_integer_kernels(rng, tmp_path):
 
 @pytest.mark.parametrize("which", MODELS)
 def test_capped_encoding_equals_plain_uint4_qdq(which, tmp_path):
-    """The speed encoding (uint8 codes capped by two pairs around an Add of 0) and generic-qdq's plain
+    """The speed encoding (uint8 codes clipped to [0, 15] between Q and DQ) and generic-qdq's plain
     int4/uint4 QDQ are one function: the ONNX reference evaluator gives the same outputs for both."""
     from onnx.reference import ReferenceEvaluator
 
