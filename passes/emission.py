@@ -181,12 +181,9 @@ class _Writer:
         dq = ir.node("DequantizeLinear", [value, s, z], {"axis": -1}, name=f"{name}_DequantizeLinear")
         out = dq.outputs[0]
         out.type, out.shape = value.type, value.shape
-        self._reroute(value, out, {dq.name}, outputs=False)
-        if value.is_graph_output():
-            self._take_output(value, out)
-        else:
-            out.name = value.name
-            value.name = f"{out.name}_gathered"
+        if not value.is_graph_output():  # (a graph output is renamed by _reroute)
+            out.name, value.name = value.name, f"{value.name}_gathered"
+        self._reroute(value, out, {dq.name})
         value.type = ir.TensorType(ir.DataType.INT8)
         self.graph.insert_after(node, dq)
 
