@@ -74,12 +74,13 @@ CONFIGS = {
     "onnxptq W4A8 +bn+bias": (_compile_onnxptq, {"w_bits": 4, "pipeline": "light"}),
     "onnxptq W8A8 advanced": (_compile_onnxptq, {"pipeline": "advanced"}),
     "onnxptq W4A8 advanced": (_compile_onnxptq, {"w_bits": 4, "pipeline": "advanced"}),
-    "onnxptq W4A8 advanced sequential": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=sequential,"
-                                                            "bn-reestimate:layers=hidden,bias-correction"}),
+    "onnxptq W4A8 advanced parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel,"
+                                                          "bn-reestimate:layers=hidden,bias-correction"}),
     "onnxptq W4A8 adaquant": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant"}),
-    "onnxptq W4A8 adaquant sequential": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=sequential"}),
-    **{f"onnxptq W4A8 advanced {n} it": (_compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
-                                                            "bn-reestimate:layers=hidden,bias-correction"})
+    "onnxptq W4A8 adaquant parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel"}),
+    **{f"onnxptq W4A8 advanced parallel {n} it": (
+        _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:mode=parallel:iterations={n},"
+                                                    "bn-reestimate:layers=hidden,bias-correction"})
        for n in (30, 300, 1000)},
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
