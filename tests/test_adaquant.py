@@ -334,6 +334,6 @@ def test_adaquant_lowers_the_error_of_real_layers():
         bound = output_bound(state, layer) or (-np.inf, np.inf)
         return float(np.mean((np.clip(out, *bound) - np.clip(rows[name].y, *bound)) ** 2))
 
-    AdaQuantPass(iterations=60).run(state)
+    AdaQuantPass(mode="parallel", iterations=60).run(state)  # fitted on the fp32 rows measured here
     for name in names:
         assert error(state.plan, name) < 0.8 * error(rtn, name), name
