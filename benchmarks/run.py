@@ -83,7 +83,8 @@ CONFIGS = {
                                                     "bn-reestimate:layers=hidden,bias-correction"})
        for n in (30, 300, 1000)},
     **{f"onnxptq W4A8 advanced {n} it": (
-        _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},bn-reestimate:layers=hidden,bias-correction"})
+        _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
+                                                    "bn-reestimate:layers=hidden,bias-correction"})
        for n in (30, 300)},
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
