@@ -91,12 +91,13 @@ CONFIGS = {
     "onnxptq W4A8 +bn(target=bn)": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=bn:target=bn"}),
     "onnxptq W8A8 advanced": (_compile_onnxptq, {"pipeline": "advanced"}),
     "onnxptq W4A8 advanced": (_compile_onnxptq, {"w_bits": 4, "pipeline": "advanced"}),
-    "onnxptq W4A8 advanced sequential": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=sequential,"
-                                                            "bn-reestimate:layers=hidden,bias-correction"}),
+    "onnxptq W4A8 advanced parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel,"
+                                                          "bn-reestimate:layers=hidden,bias-correction"}),
     "onnxptq W4A8 adaquant": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant"}),
-    "onnxptq W4A8 adaquant sequential": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=sequential"}),
-    **{f"onnxptq W4A8 advanced {n} it": (_compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
-                                                            "bn-reestimate:layers=hidden,bias-correction"})
+    "onnxptq W4A8 adaquant parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel"}),
+    **{f"onnxptq W4A8 advanced parallel {n} it": (
+        _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:mode=parallel:iterations={n},"
+                                                    "bn-reestimate:layers=hidden,bias-correction"})
        for n in (30, 300, 1000)},
     "onnxptq mixed size 0.13": (_compile_onnxptq, {"size_ratio": 0.13}),
     "onnxptq mixed size 0.16": (_compile_onnxptq, {"size_ratio": 0.16}),
@@ -104,6 +105,10 @@ CONFIGS = {
     "onnxptq mixed size 0.26": (_compile_onnxptq, {"size_ratio": 0.26}),
     "onnxptq mixed size 0.62": (_compile_onnxptq, {"size_ratio": 0.62}),  # MiniLM: its float embedding is 0.6×
     "onnxptq mixed bops 0.03125": (_compile_onnxptq, {"bops_ratio": 1 / 32}),  # uniform W4A8's BOPs (4·8/32²)
+    **{f"onnxptq W4A8 advanced {n} it": (
+        _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
+                                                    "bn-reestimate:layers=hidden,bias-correction"})
+       for n in (30, 300)},
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
     "ORT quantize_static MinMax preprocessed": (_compile_ort, "minmax+pre"),

@@ -9,7 +9,8 @@ grids and emission, in the order given:
   ones, so models exported with BatchNorm folded get it too). The default: on EfficientNet-Lite0 it
   raised fp32 top-1 agreement from 0.896 to 0.939 at W8A8 and from 0.058 to 0.612 at W4A8.
 * ``advanced`` — ``adaquant,bn-reestimate:layers=hidden,bias-correction``: AdaQuant (per-layer fit of
-  weights, bias and steps, ``passes/adaquant.py``) followed by the light pipeline's corrections;
+  weights, bias and steps, ``passes/adaquant.py``, sequential mode) followed by the light pipeline's
+  corrections: on EfficientNet-Lite0 W4A8 fp32 top-1 agreement 0.677 (light: 0.604);
 * a spec: comma-separated pass names, each optionally followed by ``:key=value`` options, e.g.
   ``bn-reestimate:target=bn,bias-correction``. Core pass names may be listed (they always run
   in place), so ``calibration`` alone is the pipeline without corrections.

@@ -281,12 +281,13 @@ def test_compile_is_deterministic(rng, mode):
 
 
 def test_worker_processes_give_the_same_model(rng):
-    """Parallel mode fits independent layers in worker processes: the same graph as in-process (the
-    metadata differ: they echo the pipeline spec)."""
+    """Independent layers are fitted in worker processes: the same graph as in-process (the metadata
+    differ: they echo the pipeline spec), and not the graph of round-to-nearest."""
     model, x = cnn(rng, bn=True), rng.standard_normal((40, 3, 16, 16)).astype(np.float32)
-    one, two = (onnxptq.compile(model, {"x": x}, pipeline=f"adaquant:iterations=30:workers={n}", w_bits=4)
-                .model.graph.SerializeToString() for n in (1, 2))
-    assert one == two
+    rtn, one, two = (onnxptq.compile(model, {"x": x}, pipeline=spec, w_bits=4).model.graph.SerializeToString()
+                     for spec in ("calibration", "adaquant:mode=parallel:iterations=30:workers=1",
+                                  "adaquant:mode=parallel:iterations=30:workers=2"))
+    assert one == two != rtn
 
 
 def test_advanced_pipeline_runs_adaquant_then_light():
@@ -336,7 +337,7 @@ def test_adaquant_lowers_the_error_of_real_layers(stem_bits):
         bound = output_bound(state, layer) or (-np.inf, np.inf)
         return float(np.mean((np.clip(out, *bound) - np.clip(rows[name].y, *bound)) ** 2))
 
-    AdaQuantPass(iterations=60).run(state)
+    AdaQuantPass(mode="parallel", iterations=60).run(state)  # fitted on the fp32 rows measured here
     for name in names:
         if state.plan.layers[name].grid.bits == 8:
             assert error(state.plan, name) <= error(rtn, name), name
