@@ -91,6 +91,7 @@ CONFIGS = {
     "onnxptq W4A8 +bn(target=bn)": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=bn:target=bn"}),
     "onnxptq W8A8 advanced": (_compile_onnxptq, {"pipeline": "advanced"}),
     "onnxptq W4A8 advanced": (_compile_onnxptq, {"w_bits": 4, "pipeline": "advanced"}),
+    "onnxptq W4A4 advanced": (_compile_onnxptq, {"w_bits": 4, "a_bits": 4, "pipeline": "advanced"}),
     "onnxptq W4A8 advanced parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel,"
                                                           "bn-reestimate:layers=hidden,bias-correction"}),
     "onnxptq W4A8 adaquant": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant"}),
