@@ -19,9 +19,9 @@ from onnxptq.metrics import compare_outputs
 from onnxptq.model_io import check_output_path, load_model, save_model, to_ir
 from onnxptq.passes.bitsplit import BitSplitPass
 from onnxptq.passes.calibration import CalibrationPass
+from onnxptq.passes.candidates import budget_of
 from onnxptq.passes.emission import EmissionPass
 from onnxptq.passes.fusion import FusionPass
-from onnxptq.passes.candidates import budget_of
 from onnxptq.passes.mixed import MixedPrecisionPass
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.tables import TablePass
