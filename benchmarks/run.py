@@ -1,4 +1,5 @@
-"""Benchmark table: every example × the table's configurations (``TABLE``; any other by name), beside onnxruntime's quantize_static.
+"""Benchmark table: every example × the table's configurations (``TABLE``; any other by name),
+beside onnxruntime's quantize_static.
 
     python -m benchmarks.run [--examples efficientnet_lite0,ppocr_rec,...] [--configs ...] [--out benchmarks/results]
 
