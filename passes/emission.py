@@ -134,7 +134,12 @@ class _Writer:
         capped = clip.outputs[0]
         capped.name, capped.type, capped.shape = f"{value.name}_capped", q.outputs[0].type, value.shape
         dq.replace_input_with(0, capped)
+        named_output = value.is_graph_output()  # _reroute gives a graph output's name to the DQ itself
         self._reroute(value, dq.outputs[0], skip | {q.name} if source is None else set())
+        if source is not None and not named_output:
+            # The absorbed op's output leaves the graph; its consumers' input keeps the name, so a pass
+            # that reads the tensor from the emitted model (sequential AdaQuant) still finds it.
+            dq.outputs[0].name, value.name = value.name, f"{value.name}_absorbed"
         self._insert_after_producer(src, [q, clip, dq])
 
     def _pair(self, value: ir.Value, scale: np.float32, zero_point: np.ndarray, name: str) -> tuple[ir.Node, ir.Node]:

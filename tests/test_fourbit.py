@@ -70,6 +70,15 @@ def test_a4_runs_on_integer_kernels_only(rng, which, tmp_path):
     assert "relu1" not in kernels and "relu2" not in kernels, "bounded activations are still absorbed"
 
 
+def test_absorbed_activation_keeps_its_name_for_sequential_adaquant(rng, tmp_path):
+    """A 4-bit grid drops the absorbed Relu; the tensor its consumers read keeps the Relu output's name,
+    so sequential AdaQuant, which reads layer inputs from the emitted model by name, still finds it."""
+    _, q, result, _ = compile_a4(rng, "relu-bounded", tmp_path, pipeline="adaquant:mode=sequential:iterations=2")
+    producers = {o: n for n in q.graph.node for o in n.output}
+    assert producers["r1"].op_type == "DequantizeLinear" and "relu1" not in {n.name for n in q.graph.node}
+    assert result.report["verification"]["coverage"] == 1.0
+
+
 @pytest.mark.parametrize("which", MODELS)
 def test_a4_codes_match_integer_simulation(rng, which, tmp_path):
     """Per Conv layer, the codes onnxruntime's fused kernels produce equal the numpy integer simulation
