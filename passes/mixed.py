@@ -214,7 +214,10 @@ class MixedPrecisionPass:
             emitted = output_model(state).ByteSize()
             if t.budget != "size_ratio" or emitted <= value * t.fp32_bytes:
                 return choice, emitted
-            limit -= emitted - value * t.fp32_bytes
+            # Below what this choice was counted at (not the old limit, which it may undercut by more
+            # than the excess: then the same choice comes back), by the bytes the count missed.
+            counted = t.cost[np.arange(len(choice)), choice].sum()
+            limit = min(limit, counted) - (emitted - value * t.fp32_bytes) - 1
         raise InputError(f"--size-ratio {value}: the emitted model stays at {emitted / t.fp32_bytes:.4f}× after "
                          f"{SIZE_RETRIES} tries; raise the budget slightly")
 
