@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 import onnxptq
 from conftest import fvi, make_model
-from onnxptq import pipelines
+from onnxptq import pipelines, runtime
 from onnxptq.api import PIPELINE
 from onnxptq.cli import main
 from onnxptq.data import load_calibration
@@ -134,21 +134,27 @@ def planned(model, calib, bits=None, **options) -> CompileState:
 
 
 def payload(model: onnx.ModelProto, node_name: str) -> int:
-    """Bytes of the tensors behind a node's weight and bias in an emitted model (through their DQ)."""
+    """Bytes of the initializers behind a node's weight and bias in an emitted model (through their
+    DQ, and the Cast that unpacks int4/int2 codes)."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
+
+    def behind(name: str) -> int:
+        if name in inits:
+            t = inits[name]
+            return len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+        return sum(behind(i) for i in producers[name].input) if name in producers else 0
+
     node = next(n for n in model.graph.node if n.name == node_name)
-    total = 0
-    for name in node.input[1:]:
-        sources = producers[name].input if name in producers else [name]
-        for t in (inits[s] for s in sources if s in inits):
-            total += len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
-    return total
+    return sum(behind(name) for name in node.input[1:])
 
 
-@pytest.mark.parametrize("bits", [{}, {"mm1": 4, "conv": 2, "fc": 4}, {"mm1": None, "conv": 3, "fc": 8}])
-def test_byte_count_matches_the_emitted_file(mlp_data, bits):
-    state = planned(*mlp_data, bits=bits, target="ort-cpu-avx2")
+@pytest.mark.parametrize("bits, target", [({}, "ort-cpu-avx2"), ({"mm1": 4, "conv": 2, "fc": 4}, "ort-cpu-avx2"),
+                                          ({"mm1": None, "conv": 3, "fc": 8}, "ort-cpu-avx2"),
+                                          ({"mm1": 2, "conv": 2, "fc": 4}, "ort-cpu-size"),
+                                          ({"mm1": 4, "conv": 4, "fc": 2}, "ort-cpu-size")])
+def test_byte_count_matches_the_emitted_file(mlp_data, bits, target):
+    state = planned(*mlp_data, bits=bits, target=target)
     out = ir.serde.serialize_model(emit_model(state.model, state.plan))
     for name in ("mm1", "conv", "fc"):
         layer = state.plan.layers.get(name)
@@ -339,3 +345,25 @@ def test_add_before_an_int4_matmul_stays_float(rng):
     assert "bias1" not in state.plan.ops and "hb" not in state.plan.activations
     kernels = optimized_kernels(ir.serde.serialize_model(emit_model(state.model, state.plan)))
     assert fusion_coverage(state.plan.ops, kernels)["coverage"] == 1.0, kernels
+
+
+def test_two_bit_layers_are_stored_as_int2_and_run_on_integer_kernels(mlp_data):
+    """Under the size target 2-bit codes are int2 (four per byte) behind a Cast that onnxruntime folds
+    at load: every layer, MatMul and Gemm included, still runs on an int8 kernel, and the outputs are
+    those of the same codes stored as int8."""
+    model, calib = mlp_data
+    state = planned(model, calib, bits={"mm1": 2, "conv": 2, "fc": 2}, target="ort-cpu-size")
+    proto = ir.serde.serialize_model(emit_model(state.model, state.plan))
+    int2 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT2]
+    assert sorted(t.name for t in int2) == ["w1_quantized", "w3_quantized", "wc_quantized"]
+    assert all(len(t.raw_data) == -(-int(np.prod(t.dims)) // 4) for t in int2)
+    kernels = optimized_kernels(proto)
+    assert fusion_coverage(state.plan.ops, kernels)["coverage"] == 1.0, kernels
+    assert kernels["conv"] == "QLinearConv"
+    # the same plan with the codes stored as int8 (speed target storage) computes the same outputs
+    for layer in state.plan.layers.values():
+        layer.grid.storage = "int8"
+    as_int8 = ir.serde.serialize_model(emit_model(state.model, state.plan))
+    x = calib["x"][:8]
+    got, want = (runtime.session(m).run(None, {"x": x})[0] for m in (proto, as_int8))
+    np.testing.assert_array_equal(got, want)
