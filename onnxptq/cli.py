@@ -119,6 +119,11 @@ def cli() -> None:
               "output loss such that the written file is at most this fraction of the fp32 file's bytes.")
 @click.option("--bops-ratio", type=float, default=None, help="Mixed precision: as --size-ratio, for bit operations "
               "(MACs × w-bits × a-bits) as a fraction of the fp32 model's (32 × 32 per MAC).")
+@click.option("--latency-ratio", type=float, default=None, help="Mixed precision: as --size-ratio, for the summed "
+              "latency of the weighted layers, each measured alone on this host in its encoding, as a fraction of "
+              "their fp32 latency.")
+@click.option("--latency-table", type=click.Path(dir_okay=False), default=None, help="--latency-ratio: a JSON file "
+              "of the per-layer latencies; measured and written if absent, read back (not re-measured) if present.")
 @click.option("--max-drop", type=float, default=None, help="Mixed precision: the smallest file whose predicted output "
               "loss (summed per-layer KL to fp32 for class scores, else 1 − cosine) is at most this.")
 @click.option("--candidates", default="w8a8,w4a8,w3a8,w2a8,float", show_default=True,
@@ -128,7 +133,7 @@ def cli() -> None:
 @with_image_flags
 def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
                 exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
-                pipeline, size_ratio, bops_ratio, max_drop, candidates, sweep, image_size, resize, mean, std,
+                pipeline, size_ratio, bops_ratio, latency_ratio, latency_table, max_drop, candidates, sweep, image_size, resize, mean, std,
                 layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
     import onnxptq
@@ -147,7 +152,8 @@ def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_met
         w_bits=int(w_bits), a_bits=int(a_bits), calib_method=calib_method, percentile=percentile,
         weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
         holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit,
-        size_ratio=size_ratio, bops_ratio=bops_ratio, max_drop=max_drop, candidates=candidates, sweep=sweep)
+        size_ratio=size_ratio, bops_ratio=bops_ratio, latency_ratio=latency_ratio, latency_table=latency_table,
+        max_drop=max_drop, candidates=candidates, sweep=sweep)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)

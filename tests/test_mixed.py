@@ -396,3 +396,44 @@ def test_size_retry_solves_below_what_the_chosen_mix_was_counted_at(monkeypatch)
     choice, written = mixed.MixedPrecisionPass()._apply(None, t, 0.199)
     assert emitted == [({"a": 8, "b": 4}, 205.0), ({"a": 4, "b": 8}, 140.0)], "one retry, a different choice"
     assert choice.tolist() == [1, 0] and written == 140.0 <= 0.199 * 1000
+
+
+def test_latency_budget_reads_its_table_back(mlp_data, tmp_path, monkeypatch):
+    """--latency-ratio prices each candidate by the layer's milliseconds in --latency-table: measured
+    and written when the file is absent (even if the budget is then refused), read back and not
+    re-measured when present; the chosen layers' summed latency stays within the budget."""
+    from onnxptq import latency_table
+
+    model, calib = mlp_data
+    table = tmp_path / "ms.json"
+    options = dict(target="ort-cpu-size", latency_table=str(table), pipeline="calibration")
+    with pytest.raises(InputError, match="--latency-ratio is below the smallest"):
+        onnxptq.compile(model, calib, None, latency_ratio=0.01, **options)
+    written = json.loads(table.read_text())
+    assert written["target"].endswith("-size") and {n: set(ms) for n, ms in written["layers"].items()} == {
+        "mm1": {"fp32", "int8", "int4-blocks"}, "conv": {"fp32", "int8"}, "fc": {"fp32", "int8", "int4-blocks"}}
+    assert all(t > 0 for ms in written["layers"].values() for t in ms.values())
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(latency_table, "layer_latency", no_measuring)
+    # a table of round numbers: fp32 10 ms, int8 4 ms, int4 blocks 2 ms; a limit of 0.34 · 30 ms
+    # leaves out all-int8 (12 ms): one MatMul/Gemm must take 4-bit blocks
+    for ms in written["layers"].values():
+        ms.update({"fp32": 10.0, "int8": 4.0, **({"int4-blocks": 2.0} if "int4-blocks" in ms else {})})
+    table.write_text(json.dumps(written))
+    first = onnxptq.compile(model, calib, tmp_path / "a.onnx", latency_ratio=0.34, **options).report["mixed"]
+    assert sum(l["ms"][l["choice"]] for l in first["layers"]) <= 0.34 * 30 and first["latency_ratio"] <= 0.34
+    assert {l["node"]: l["ms"]["w8a8"] for l in first["layers"]} == {"mm1": 4.0, "conv": 4.0, "fc": 4.0}
+    assert {l["node"]: l["ms"]["w2a8"] for l in first["layers"]} == {"mm1": 4.0, "conv": 4.0, "fc": 4.0}, \
+        "int2 codes are cast to int8 at load: timed as int8"
+    assert any(l["choice"] == "w4a8" for l in first["layers"] if l["node"] != "conv")
+    again = onnxptq.compile(model, calib, tmp_path / "b.onnx", latency_ratio=0.34, **options).report["mixed"]
+    assert again == first and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    with pytest.raises(InputError, match="--latency-ratio is below the smallest"):  # below 2 + 4 + 2 of 30
+        onnxptq.compile(model, calib, None, latency_ratio=0.2, **options)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**written, "model": "0" * 64}))
+    with pytest.raises(InputError, match="another model or target"):
+        onnxptq.compile(model, calib, None, latency_ratio=0.5, **{**options, "latency_table": str(other)})
