@@ -39,6 +39,8 @@ def write_sweep(directory: str, budget: str, points: list[dict]) -> None:
     ax.set_xlabel({"bops_ratio": "BOPs × fp32", "latency_ratio": "summed layer latency × fp32 (measured per layer)",
                    "size_ratio": "file size × fp32 (emitted)"}[x_key])
     ax.set_ylabel("output loss vs fp32 (KL or 1 − cosine)")
+    if all(p[k] > 0 for p in points for k in ("predicted_loss", "measured_loss")):
+        ax.set_yscale("log")  # the losses span orders of magnitude from the smallest file to 8 bits
     ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
