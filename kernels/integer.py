@@ -1,14 +1,19 @@
 """Exact integer simulation of onnxruntime's quantized kernels, for checking emitted codes.
 
-QLinearConv / QGemm with input codes x (zero point z_x, scale s_x), int8 weight codes q (per output
-channel scale s_w[m], zero point 0) and int32 bias codes b compute
+QLinearConv, QGemm and QLinearMatMul with input codes x (zero point z_x, scale s_x), int8 weight
+codes q (per output channel scale s_w[m], zero point 0) and int32 bias codes b compute
 
     acc[m] = Σ_k (x_k − z_x)·q[m, k] + b[m]                       (exact, int32)
     y[m]   = clip(rint(acc[m] · (s_x·s_w[m] / s_y)) + z_y, 0, 255)   (float32 multiplier, ties to even)
 
 (the b-bit activations of ``passes/emission.py`` then clip those codes to [0, 2ᵇ − 1] on uint8).
-The simulation's float rounding can
-differ from the kernel's only where acc·multiplier lies within float32 error of a half-integer.
+The simulation's float rounding can differ from the kernel's only where acc·multiplier lies within
+float32 error of a half-integer. Kernels with a float output (QGemm without y_scale,
+MatMulIntegerToFloat) return acc[m]·(s_x·s_w[m]) instead: there the accumulator itself is compared.
+
+The sums are exact: on x86 without VNNI onnxruntime's u8×s8 kernels saturate adjacent products in
+int16 (``kernels/saturation.py``), which the ``ort-cpu-avx2`` target's pair-safe weights rule out, so
+the exact sum is what that target guarantees and any saturation shows up as a difference.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ def conv_accumulate(x_codes: np.ndarray, x_zero: int, w_codes: np.ndarray, bias:
         acc = acc + np.asarray(bias, np.int64)
     out = conv_output_shape(x_codes.shape[2:], w_codes.shape[2:], strides, dilations, pads)
     return np.moveaxis(acc.reshape(x_codes.shape[0], *out, m), -1, 1)
+
+
+def matmul_accumulate(x_codes: np.ndarray, x_zero: int, w_codes: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """acc [..., N] of a quantized MatMul/Gemm: Σ_k (x[..., k] − z_x)·q[k, n] + b[n] (int64), with
+    ``w_codes`` [K, N]."""
+    acc = (np.asarray(x_codes, np.int64) - int(x_zero)) @ np.asarray(w_codes, np.int64)
+    return acc if bias is None else acc + np.asarray(bias, np.int64)
 
 
 def requantize(acc: np.ndarray, multiplier: np.ndarray, zero_point: int, axis: int = 1,
