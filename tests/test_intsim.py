@@ -133,3 +133,42 @@ def test_real_model_dense_integer_simulation(bits, tmp_path):
     kernels = {layer["op"]: (layer["w_bits"], layer["kernel"]) for layer in result.report["layers"]}
     w = 4 if bits == "W4A4" else 8
     assert kernels == {"Conv": (w, "QLinearConv"), "Gemm": (w, "QGemm"), "MatMul": (w, "MatMulIntegerToFloat")}
+
+
+def blockwise_int8_reference(x: np.ndarray, w_codes: np.ndarray, w_scale: np.ndarray, block: int):
+    """MatMulNBits at accuracy_level 4 as integer arithmetic: each block of ``block`` activations along
+    K is quantized symmetric int8 at s_a = max|x|/127, codes rint(x·127/max|x|); per block the dot
+    of those codes with the int4 weight codes is exact, and the blocks' dots are summed in float at
+    s_a·s_w[b, n]. Returns (y, the smallest one-code change s_a·s_w over the blocks, per output,
+    and the activation codes' distance to a rounding tie)."""
+    m, k = x.shape
+    xb = x.reshape(m, k // block, block)
+    amax = np.abs(xb).max(-1)
+    s_a = (amax / np.float32(127)).astype(np.float32)
+    scaled = xb * np.where(amax > 0, np.float32(127) / amax, 0).astype(np.float32)[..., None]
+    dots = np.einsum("mbk,bkn->mbn", np.rint(scaled).astype(np.int64), w_codes.reshape(k // block, block, -1))
+    steps = s_a[:, :, None].astype(np.float64) * w_scale[None].astype(np.float64)
+    return (dots * steps).sum(1), steps.min(1), np.abs(scaled - np.floor(scaled) - 0.5)
+
+
+def test_matmulnbits_is_blockwise_int8_up_to_float_summation(rng):
+    """The size target's int4 MatMul runs as MatMulNBits (accuracy_level 4: activations quantized to
+    int8 per block of K inside the kernel). Its output equals the blockwise integer reference up to
+    the float summation of the blocks: far below one activation code's effect (measured ≤ 0.007 of
+    the smallest one-code step), while float activations would differ by whole codes."""
+    k, n, block = 256, 64, 32
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                        helper.make_node("Tanh", ["h"], ["y"], name="tanh")], [fvi("x", ["N", k])],
+                       [fvi("y", ["N", n])], {"w": (rng.standard_normal((k, n)) * 0.1).astype(np.float32)})
+    x = (rng.standard_normal((64, k)) * np.exp(rng.standard_normal((1, k)))).astype(np.float32)
+    q = onnxptq.compile(model, {"x": x[:48]}, target="ort-cpu-size", w_bits=4, first_last_8bit=False,
+                        pipeline="calibration", block_size=block).model
+    assert optimized_kernels(q)["mm"] == "MatMulNBits"
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    w_codes, w_scale = inits["w_quantized"].astype(np.int64), inits["w_scale"]
+    y = fused_codes(q, ["h"], {"x": x[48:]})["h"].astype(np.float64)
+    want, step, tie = blockwise_int8_reference(x[48:], w_codes, w_scale, block)
+    assert tie.min() > 1e-5, "no activation code at a rounding tie: the comparison below is exact in codes"
+    assert (np.abs(y - want) / step).max() < 0.05
+    float_acts = x[48:].astype(np.float64) @ (w_codes * np.repeat(w_scale, block, 0))
+    assert (np.abs(y - float_acts) / step).max() > 1, "the reference has teeth: int8 activations matter"
