@@ -54,6 +54,23 @@ def requantize(acc: np.ndarray, multiplier: np.ndarray, zero_point: int, axis: i
     float rounding may land on the other side."""
     shape = [1] * acc.ndim
     shape[axis] = -1
-    scaled = acc.astype(np.float32) * np.asarray(multiplier, np.float32).reshape(shape)
+    return _round(acc.astype(np.float32) * np.asarray(multiplier, np.float32).reshape(shape), zero_point, qmin, qmax)
+
+
+def add_requantize(a: np.ndarray, a_zero: int, a_ratio: np.float32, b: np.ndarray, b_zero: int,
+                   b_ratio: np.float32, zero_point: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, tie distance) of QLinearAdd: clip(rint((a − z_a)·s_a/s_y + (b − z_b)·s_b/s_y) + z_y, 0, 255).
+
+    onnxruntime's AVX2 kernel evaluates the sum in fixed point, each ratio rounded to a multiplier of
+    22 bits for the larger one, so each term is off by at most 255·max(ratio)·2⁻²² codes (6·10⁻⁵
+    at ratio 1): it can differ from this float form only where the sum lies that close to a
+    half-integer, a tie."""
+    scaled = (np.asarray(a, np.int64) - int(a_zero)).astype(np.float32) * np.float32(a_ratio) \
+        + (np.asarray(b, np.int64) - int(b_zero)).astype(np.float32) * np.float32(b_ratio)
+    return _round(scaled, zero_point, 0, 255)
+
+
+def _round(scaled: np.ndarray, zero_point: int, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clip(rint(scaled) + z, qmin, qmax), |frac(scaled) − ½|), rint rounding ties to even."""
     codes = np.clip(np.rint(scaled).astype(np.int64) + int(zero_point), qmin, qmax)
     return codes, np.abs(scaled - np.floor(scaled) - 0.5)

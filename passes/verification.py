@@ -7,8 +7,8 @@
   the float leftovers are named. For the ``generic-qdq`` target (uint4 tensors, which onnxruntime's
   QDQ optimizers reject) the model is loaded and run at ORT_ENABLE_BASIC instead and coverage is
   not applicable (reported as None);
-* integer simulation (``onnxptq/simulate.py``): on one held-back sample, up to ``SIMULATED`` Conv
-  layers and up to ``SIMULATED`` Gemm/MatMul layers with integer inputs, each spread over the model,
+* integer simulation (``onnxptq/simulate.py``): on one held-back sample, up to ``SIMULATED`` each of
+  the Conv layers, the Gemm/MatMul layers with integer inputs and the quantized Adds, spread over the model,
   are recomputed in numpy from the codes onnxruntime's fused graph feeds them, and their outputs
   compared with the fused kernels' (codes, or a float output's accumulator): differences other than
   one code at a rounding tie are counted as ``unexplained`` (int16 saturation, a merged Q/DQ pair, …);
@@ -100,9 +100,11 @@ class VerificationPass:
         }
         convs = [n for n, layer in state.plan.layers.items() if layer.op_type == "Conv"]
         dense = [n for n, layer in state.plan.layers.items() if layer.op_type != "Conv" and layer.activation_input]
-        if fused and (convs or dense):
+        adds = [n for n, op in state.plan.ops.items() if op == "Add"]
+        if fused and (convs or dense or adds):
             one = {k: v[:1] for k, v in feeds[0].items()}
-            state.report.verification["integer_simulation"] = check_layers(out, _spread(convs) + _spread(dense), one)
+            state.report.verification["integer_simulation"] = check_layers(
+                out, _spread(convs) + _spread(dense) + _spread(adds), one)
         for name, layer in state.plan.layers.items():
             state.report.layers.append({"node": name, "op": layer.op_type, "w_bits": layer.grid.bits,
                                         "a_bits": state.plan.root(layer.input_name).bits

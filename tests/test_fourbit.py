@@ -90,7 +90,7 @@ def test_a4_codes_match_integer_simulation(rng, which, tmp_path):
     assert check["layers"] == len(convs) and check["unexplained"] == 0, check
     assert check["tie_differences"] <= 0.01 * check["codes"]
     simulated = result.report["verification"]["integer_simulation"]
-    assert simulated["ops"] == {"Conv": len(convs), "Gemm": 1} and simulated["unexplained"] == 0, simulated
+    assert simulated["ops"] == {"Conv": len(convs), "Gemm": 1, "Add": 1} and simulated["unexplained"] == 0, simulated
     capped = ["c1", "r2", "c3"] if which == "signed" else ["r1", "r2"]
     codes = fused_codes(q, [f"{t}{part}" for t in capped for part in ("_quantized", "_capped")], {"x": x[:4]})
     for t in capped:

@@ -1,5 +1,5 @@
-"""Integer simulation of the fused MatMul/Gemm kernels (QLinearMatMul, QGemm, MatMulIntegerToFloat)
-against the codes onnxruntime computes, at W8A8 and at 4-bit semantics on int8 kernels."""
+"""Integer simulation of the fused MatMul/Gemm kernels (QLinearMatMul, QGemm, MatMulIntegerToFloat) and
+QLinearAdd against the codes onnxruntime computes, at W8A8 and at 4-bit semantics on int8 kernels."""
 
 import numpy as np
 import onnx
@@ -10,7 +10,8 @@ from onnx.reference import ReferenceEvaluator
 import onnxptq
 from conftest import fvi, make_model
 from onnxptq.passes.verification import optimized_kernels
-from onnxptq.simulate import TIE, accumulate, check_layers, fused_codes, observed_codes, read_layer, simulate
+from onnxptq.simulate import (TIE, accumulate, check_layers, fused_codes, observed_codes, read_add, read_layer,
+                              simulate, simulate_add)
 from onnxptq.target import host_has_int32_dot
 
 
@@ -35,6 +36,7 @@ def dense(rng: np.random.Generator, last: str) -> onnx.ModelProto:
 
 KERNELS = {"MatMul": {"mm1": "QLinearMatMul", "fc2": "QGemm", "out": "MatMulIntegerToFloat"},
            "Gemm": {"mm1": "QLinearMatMul", "fc2": "QGemm", "out": "QGemm"}}
+ADD = {"add1": "QLinearAdd"}  # the MatMul's bias, a constant input
 BITS = {"W8A8": {}, "W4A4": {"w_bits": 4, "a_bits": 4, "first_last_8bit": False}}
 
 
@@ -63,7 +65,7 @@ def test_dense_kernels_match_integer_simulation(last, bits):
     one code at a rounding tie, and each one is checked to be at a tie."""
     result, x = compile_dense(last, bits)
     q = result.model
-    assert {n: optimized_kernels(q)[n] for n in KERNELS[last]} == KERNELS[last]
+    assert {n: optimized_kernels(q)[n] for n in {**KERNELS[last], **ADD}} == {**KERNELS[last], **ADD}
     assert result.report["verification"]["coverage"] == 1.0
     layers = {n: read_layer(q, n) for n in KERNELS[last]}
     assert layers["out"].y_scale is None and layers["mm1"].y_scale is not None, "float and coded outputs"
@@ -78,8 +80,15 @@ def test_dense_kernels_match_integer_simulation(last, bits):
         diff = np.abs(observed_codes(layer, codes[layer.y]) - want)
         assert ((diff == 0) | ((diff == 1) & (tie < TIE))).all(), (name, diff.max())
         assert (diff > 0).mean() <= 0.01
+    add = read_add(q, "add1")
+    assert add.b_codes in {i.name for i in q.graph.initializer}
+    a_codes, y = fused_codes(q, [add.a_codes, add.y], {"x": x}).values()
+    bias = numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == add.b_codes))
+    want, tie = simulate_add(add, a_codes, bias)
+    diff = np.abs(y.astype(np.int64) - want)
+    assert ((diff == 0) | ((diff == 1) & (tie < TIE))).all() and want.max() > want.min()
     report = result.report["verification"]["integer_simulation"]
-    assert report["ops"] == {"Gemm": 1 + (last == "Gemm"), "MatMul": 1 + (last == "MatMul")}, report
+    assert report["ops"] == {"Gemm": 1 + (last == "Gemm"), "MatMul": 1 + (last == "MatMul"), "Add": 1}, report
     assert report["unexplained"] == 0 and report["max_diff"] <= 1, report
 
 
@@ -128,7 +137,7 @@ def test_real_model_dense_integer_simulation(bits, tmp_path):
     ver = result.report["verification"]
     assert ver["coverage"] == 1.0, ver["float_leftovers"]
     sim = ver["integer_simulation"]
-    assert sim["ops"] == {"Conv": 1, "Gemm": 1, "MatMul": 1}, sim
+    assert {op: sim["ops"].get(op) for op in ("Conv", "Gemm", "MatMul")} == {"Conv": 1, "Gemm": 1, "MatMul": 1}, sim
     assert sim["unexplained"] == 0 and sim["tie_differences"] <= 1e-3 * sim["codes"] and sim["max_diff"] <= 1, sim
     kernels = {layer["op"]: (layer["w_bits"], layer["kernel"]) for layer in result.report["layers"]}
     w = 4 if bits == "W4A4" else 8
