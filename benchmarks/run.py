@@ -122,6 +122,10 @@ CONFIGS = {
         _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
                                                     "bn-reestimate:layers=hidden,bias-correction"})
        for n in (30, 300, 1000)},
+    # Plain opset-21 QDQ for other runtimes (full-range 8-bit weights, int4 weights per channel);
+    # timed here on onnxruntime's CPU provider like every row.
+    "onnxptq W8A8 generic-qdq": (_compile_onnxptq, {"target": "generic-qdq"}),
+    "onnxptq W4A8 generic-qdq": (_compile_onnxptq, {"w_bits": 4, "target": "generic-qdq"}),
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
     "ORT MatMulNBits W4 weight-only": (_compile_ort_nbits, 32),

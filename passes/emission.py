@@ -272,9 +272,10 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
 
     Node names are kept, so a planned layer is found in the result by its name.
     """
-    int4 = any(l.grid.storage == "int4" for l in plan.layers.values()) \
+    # int4 tensors need opset 21; the generic target promises opset-21 QDQ at every bit width.
+    opset21 = plan.goal == "generic" or any(l.grid.storage == "int4" for l in plan.layers.values()) \
         or any(_narrow(plan, a) for a in plan.activations.values())
-    model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), 21 if int4 else 13))
+    model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), 21 if opset21 else 13))
     graph = model.graph
     nodes = {n.name: n for n in graph}
     writer = _Writer(graph)
