@@ -47,6 +47,12 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
     else:
         console.print(f"fusion coverage [bold]{ver['coverage']:.1%}[/bold] "
                       f"({ver['integer_ops']}/{ver['planned_ops']} quantized ops on integer kernels)")
+    sim = ver.get("integer_simulation")
+    if sim:
+        ops = ", ".join(f"{op} {n}" for op, n in sim["ops"].items())
+        console.print(f"integer simulation: {sim['layers']} layers ({ops}), {sim['codes']} outputs, max diff "
+                      f"{sim['max_diff']} step(s), {sim['tie_differences']} at rounding ties, "
+                      f"[bold]{sim['unexplained']} unexplained[/bold]")
     if model.get("first_last_8bit"):
         console.print(f"first/last layers kept at 8 bits: {', '.join(model['first_last_8bit'])}")
     for left in ver["float_leftovers"]:

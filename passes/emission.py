@@ -241,6 +241,31 @@ def _absorbed(value: ir.Value, act: ActivationPlan) -> ir.Value | None:
     return pre if len(pre.uses()) == 1 and not pre.is_graph_output() else None
 
 
+def _capped_source(plan: QuantPlan, value: ir.Value) -> ir.Value | None:
+    """The tensor the capped Q of ``value`` reads instead of ``value`` (an absorbed Relu/Clip's
+    input), for an activation emitted as a capped pair; else None."""
+    act = plan.activations[value.name]
+    if plan.root(value.name).qmax < 255 and act.tied_to is None and not _narrow(plan, act):
+        return _absorbed(value, act)
+    return None
+
+
+def quantized_from(fp32: ir.Model, plan: QuantPlan) -> dict[str, str]:
+    """Activation name → the tensor of the emitted model that holds its value *before* quantization,
+    where that is another tensor: an absorbed Relu/Clip drops out, so its input x is quantized
+    directly (clip(round(x/s), 0, Q) = clip(round(relu(x)/s), 0, Q) for a zero point of 0 and a grid
+    inside the bound) and the activation's own name is taken by the dequantized codes. A pass that
+    re-fits the input grid must read x, not the codes of the grid it is changing."""
+    values = {v.name: v for n in fp32.graph for v in n.outputs}
+    found = {}
+    for name in plan.activations:
+        value = values.get(name)
+        source = None if value is None or value.is_graph_output() else _capped_source(plan, value)
+        if source is not None:
+            found[name] = source.name
+    return found
+
+
 def _narrow(plan: QuantPlan, act: ActivationPlan) -> bool:
     """Whether ``act`` is written as a plain uint4 tensor (goal ``generic``, a grid of ≤ 4 bits)."""
     return plan.goal == "generic" and plan.root(act.name).bits <= 4
@@ -251,9 +276,11 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
 
     Node names are kept, so a planned layer is found in the result by its name.
     """
+    # int4 tensors need opset 21 (int2 25); the generic target promises opset-21 QDQ at every bit width.
     storages = {l.grid.storage for l in plan.layers.values()}
-    int4 = "int4" in storages or any(_narrow(plan, a) for a in plan.activations.values())
-    opset = 25 if "int2" in storages else 21 if int4 else 13
+    opset21 = plan.goal == "generic" or "int4" in storages \
+        or any(_narrow(plan, a) for a in plan.activations.values())
+    opset = 25 if "int2" in storages else 21 if opset21 else 13
     model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), opset))
     graph = model.graph
     nodes = {n.name: n for n in graph}
@@ -278,7 +305,7 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
                     use.node.replace_input_with(use.idx, dq)
         elif root.qmax < 255 and act.tied_to is None and dtype is np.uint8:
             value = values[name]
-            writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_absorbed(value, act))
+            writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_capped_source(plan, value))
         else:
             writer.qdq(values[name], scale, zp, skip=float_input, dtype=dtype)
     common.RemoveUnusedNodesPass()(model)
