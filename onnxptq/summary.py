@@ -72,7 +72,9 @@ def print_mixed(console: Console, mixed: dict[str, Any]) -> None:
         f"{layer['node']} {layer['choice']}" for layer in mixed["layers"]))
     console.print(f"  output loss vs fp32 on {mixed['samples']} samples: predicted (sum over layers) "
                   f"{mixed['predicted_loss']:.4g}, measured (all layers at once) {mixed['measured_loss']:.4g}; "
-                  f"size {mixed['size_ratio']:.4f}×, BOPs {mixed['bops_ratio']:.4f}× fp32")
+                  f"size {mixed['size_ratio']:.4f}×, BOPs {mixed['bops_ratio']:.4f}× fp32"
+                  + (f", layer latency {mixed['latency_ratio']:.4f}× fp32 (measured per layer)"
+                     if "latency_ratio" in mixed else ""))
 
 
 def print_eval(console: Console, result: dict[str, Any]) -> None:
