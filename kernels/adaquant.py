@@ -52,6 +52,8 @@ Params = dict[str, np.ndarray]  # "v" [M, K], "w_scale" (ρ_w) [M, nb], "bias" (
 LEARNING_RATES = {"v": 3e-3, "w_scale": 1e-3, "bias": 1e-3, "x_scale": 1e-3}
 # Rows per matrix product when the loss is evaluated on all cached rows (bounds the memory of a pass).
 CHUNK = 4096
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-8
 
 
 @dataclass
@@ -219,7 +221,8 @@ class Fit:
 
 
 class Adam:
-    """Adam (β₁ 0.9, β₂ 0.999, ε 1e-8) with one learning rate per parameter group."""
+    """Adam (``ADAM_BETAS``, ``ADAM_EPSILON``; bias-corrected m̂ and v̂, ε added to √v̂) with one learning
+    rate per parameter group."""
 
     def __init__(self, theta: Params, lr: dict[str, float]):
         self.lr = lr
@@ -232,11 +235,12 @@ class Adam:
         for k, g in grads.items():
             if not learning[k]:
                 continue
-            self.m[k] = 0.9 * self.m[k] + 0.1 * g
-            self.v[k] = 0.999 * self.v[k] + 0.001 * g * g
-            m_hat = self.m[k] / (1 - 0.9**self.t)
-            v_hat = self.v[k] / (1 - 0.999**self.t)
-            theta[k] = (theta[k] - self.lr[k] * m_hat / (np.sqrt(v_hat) + 1e-8)).astype(theta[k].dtype)
+            b1, b2 = ADAM_BETAS
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
+            m_hat = self.m[k] / (1 - b1**self.t)
+            v_hat = self.v[k] / (1 - b2**self.t)
+            theta[k] = (theta[k] - self.lr[k] * m_hat / (np.sqrt(v_hat) + ADAM_EPSILON)).astype(theta[k].dtype)
 
 
 def full_loss(problem: LayerProblem, theta: Params, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
