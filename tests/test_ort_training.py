@@ -16,7 +16,7 @@ from onnxptq.errors import InputError
 from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit, loss_and_grad
 from onnxptq.passes.adaquant import AdaQuantPass
 from onnxptq.training import engine
-from onnxptq.training.layer_graph import LayerOp, layer_model, reparameterize, theta_of
+from onnxptq.training.layer_graph import LayerOp, layer_model, theta_of
 from test_adaquant import conv_problem, planned_cnn, problem
 from test_bad_input import assert_bad, run_cli
 
@@ -80,7 +80,7 @@ def test_layer_graph_loss_is_the_numpy_objective(case):
             init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     loss = session.run(None, {"x": op.rows_to_input(x), "y": y})[0]
-    theta = theta_of(values, p, reparameterize(LEARNING_RATES))
+    theta = theta_of(values, p, LEARNING_RATES)
     assert theta["v"].std() > 0.05 and np.abs(theta["w_scale"] - 1).max() > 0.01  # really moved
     np.testing.assert_allclose(loss, loss_and_grad(p, theta, x, y, grad=False)[0], rtol=2e-6)
 
@@ -178,3 +178,17 @@ def test_pass_with_the_ort_training_engine(rng):
         assert rtn == losses["numpy"][node][0]
         np.testing.assert_allclose(loss, losses["numpy"][node][1], rtol=0.05)
     assert losses["ort-training"] == losses["ort-training again"]
+
+
+@pytest.mark.training
+@requires_training
+def test_both_engines_hold_the_input_step_inside_its_cap(worker, tmp_path):
+    """An input step capped (``x_step_max``, as under a Relu6 bound) at 0.97 × its start, which the fit
+    would leave at 0.986 (uncapped): both engines end on the cap (the worker clamps onnxruntime's
+    parameter after each Adam step as the numpy engine does), with the same loss curve."""
+    p, *rest = CASES["gemm"]()
+    p = dataclasses.replace(p, x_step_max=p.x_step * 0.97)
+    ours, theirs = both_engines(worker, (p, *rest), tmp_path, Settings(iterations=40, batch=16, check=40))
+    np.testing.assert_allclose(ours.theta["x_scale"], 0.97, rtol=1e-7)
+    np.testing.assert_allclose(theirs.theta["x_scale"], 0.97, rtol=1e-6)
+    assert relative(ours.history, theirs.history).max() < 2e-5

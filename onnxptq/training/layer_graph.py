@@ -59,17 +59,12 @@ class LayerOp:
         return x[0] if len(x) == 1 else np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(x.shape[1], -1)
 
 
-def reparameterize(lr: dict[str, float]) -> dict[str, float]:
-    """λ_p of every group: p = p⁰ + λ_p·p′ (module doc), with λ_p the group's learning rate."""
-    return {name: float(lr[name]) for name in GROUPS}
-
-
-def theta_of(values: dict[str, np.ndarray], problem, scale: dict[str, float]) -> dict[str, np.ndarray]:
-    """The numpy engine's parameters θ (normalized units) of the graph parameters p′ in ``values``
-    (groups that do not train keep their start)."""
+def theta_of(values: dict[str, np.ndarray], problem, lr: dict[str, float]) -> dict[str, np.ndarray]:
+    """The numpy engine's parameters θ (normalized units) of the graph parameters p′ in ``values``:
+    θ = θ⁰ + λ·p′ with λ the group's learning rate (module doc); groups that do not train keep θ⁰."""
     theta = problem.initial()
     for name, value in values.items():
-        theta[name] = (START[name] + scale[name] * value).astype(theta[name].dtype)
+        theta[name] = (START[name] + lr[name] * value).astype(theta[name].dtype)
     return theta
 
 
@@ -134,7 +129,7 @@ def layer_model(problem, op: LayerOp, lr: dict[str, float]) -> tuple[ModelProto,
     ``LayerOp.rows_to_input``) and y [B, M] (pre-bias fp32 outputs), output "loss"; and the names of
     its trained parameters (the groups ``problem.learning()`` marks, as p′ = 0)."""
     b = _Builder()
-    learning, scale = problem.learning(), reparameterize(lr)
+    learning = problem.learning()
     trained = [name for name in GROUPS if learning[name]]
     params = {}
     for name in trained:
@@ -151,7 +146,7 @@ def layer_model(problem, op: LayerOp, lr: dict[str, float]) -> tuple[ModelProto,
         b.inits.append(index)
         return b.op("Gather", per_block, index.name, axis=1)
 
-    theta = {name: b.group(START[name], scale[name], params[name]) for name in trained}
+    theta = {name: b.group(START[name], lr[name], params[name]) for name in trained}
     w = b.const(problem.weight)
     if "v" in theta:
         w = b.op("Add", w, b.op("Mul", theta["v"], b.const(problem.repeat(step0))))

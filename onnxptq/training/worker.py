@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 import protocol
-from layer_graph import LayerOp, layer_model, reparameterize, theta_of
+from layer_graph import START, LayerOp, layer_model, theta_of
 
 
 def _import_training() -> tuple:
@@ -67,8 +67,7 @@ class OrtTrainer:
 
     def __init__(self, kernel: types.ModuleType, problem, op: LayerOp, lr: dict[str, float], folder: Path):
         model, self.trained = layer_model(problem, op, lr)
-        self.kernel, self.problem, self.op = kernel, problem, op
-        self.scale = reparameterize(lr)
+        self.problem, self.op, self.lr = problem, op, lr
         frozen = [i.name for i in model.graph.initializer if i.name not in self.trained]
         ARTIFACTS.generate_artifacts(model, requires_grad=self.trained, frozen_params=frozen, loss=None,
                                      optimizer=ARTIFACTS.OptimType.AdamW, artifact_directory=folder)
@@ -90,17 +89,17 @@ class OrtTrainer:
         return loss
 
     def _clamp(self) -> None:
-        """The numpy engine's ``clamp`` on the relative steps, in graph units p′ = (ρ − 1)/λ."""
+        """The numpy engine's ``clamp`` on the relative steps ρ, in graph units p′ = (ρ − ρ⁰)/λ."""
         for name, (lo, hi) in self.bounds.items():
             if name not in self.trained:
                 continue
             value = self.state.parameters[name].data
-            rho = 1.0 + self.scale[name] * value
+            rho = START[name] + self.lr[name] * value
             if np.any((rho < lo) | (rho > hi)):
-                self.state.parameters[name] = ((np.clip(rho, lo, hi) - 1.0) / self.scale[name]).astype(value.dtype)
+                self.state.parameters[name] = ((np.clip(rho, lo, hi) - START[name]) / self.lr[name]).astype(value.dtype)
 
     def theta(self):
-        return theta_of({name: self.state.parameters[name].data for name in self.trained}, self.problem, self.scale)
+        return theta_of({name: self.state.parameters[name].data for name in self.trained}, self.problem, self.lr)
 
 
 def run(kernel: types.ModuleType, line: str) -> str:
