@@ -162,11 +162,12 @@ def test_engines_agree_with_a_learned_input_step(worker, case, tmp_path):
 def test_pass_with_the_ort_training_engine(rng):
     """The pass with ``engine=ort-training`` (parallel mode: every layer's rows come from the fp32
     model, so both engines fit the same rows): every layer at or below round-to-nearest, near the
-    numpy engine's loss, and the compile repeats byte for byte."""
+    numpy engine's loss, and the compile repeats byte for byte with two worker processes."""
     losses = {}
     for name in ("numpy", "ort-training", "ort-training again"):
         state = planned_cnn(np.random.default_rng(0), w_bits=4, target="ort-cpu-avx2")
-        AdaQuantPass(mode="parallel", iterations=100, engine=name.split()[0]).run(state)
+        AdaQuantPass(mode="parallel", iterations=100, engine=name.split()[0],
+                     workers=2 if name.endswith("again") else 1).run(state)
         rows = next(p for p in state.report.passes if p["name"] == "adaquant")["layers"]
         losses[name] = {r["node"]: (r["rtn_loss"], r["loss"]) for r in rows}
         weights = {n: layer.weight.tobytes() for n, layer in state.plan.layers.items()}
