@@ -130,8 +130,8 @@ def test_engines_agree_on_the_loss_curve_with_a_fixed_input_step(worker, case, t
     float32 (1 − 0.9f = 0.100000024), the iterate is rounded as θ⁰ + λ·p′ rather than θ − λ·u, and
     the graph's sums run in another order."""
     p, *rest = CASES[case]()
-    ours, theirs = both_engines(worker, (dataclasses.replace(p, learn_x_step=False), *rest), tmp_path,
-                                Settings(iterations=60, batch=16, check=10))
+    fixed = dataclasses.replace(p, learn_x_step=False)
+    ours, theirs = both_engines(worker, (fixed, *rest), tmp_path, Settings(iterations=60, batch=16, check=10))
     assert len(theirs.history) == 60
     assert relative(ours.history, theirs.history).max() < 2e-5
     assert ours.loss_rtn == theirs.loss_rtn  # the same numpy code on the same start
@@ -163,17 +163,15 @@ def test_pass_with_the_ort_training_engine(rng):
     """The pass with ``engine=ort-training`` (parallel mode: every layer's rows come from the fp32
     model, so both engines fit the same rows): every layer at or below round-to-nearest, near the
     numpy engine's loss, and the compile repeats byte for byte with two worker processes."""
-    losses = {}
+    losses, weights = {}, {}
     for name in ("numpy", "ort-training", "ort-training again"):
         state = planned_cnn(np.random.default_rng(0), w_bits=4, target="ort-cpu-avx2")
         AdaQuantPass(mode="parallel", iterations=100, engine=name.split()[0],
                      workers=2 if name.endswith("again") else 1).run(state)
         rows = next(p for p in state.report.passes if p["name"] == "adaquant")["layers"]
         losses[name] = {r["node"]: (r["rtn_loss"], r["loss"]) for r in rows}
-        weights = {n: layer.weight.tobytes() for n, layer in state.plan.layers.items()}
-        if name == "ort-training again":
-            assert weights == first_weights
-        first_weights = weights
+        weights[name] = {n: layer.weight.tobytes() for n, layer in state.plan.layers.items()}
+    assert weights["ort-training"] == weights["ort-training again"]
     for node, (rtn, loss) in losses["ort-training"].items():
         assert loss <= rtn
         assert rtn == losses["numpy"][node][0]

@@ -20,14 +20,15 @@ rint(u) exactly: the codes are the numpy engine's. The quantizer is then written
 inside and 0 outside, ∂Q/∂s = δ inside and clip(k) − z outside. Differentiating s·(clip(u + δ + z) −
 z) instead gives the same ∂Q/∂s as (k − z) − u, the difference of two sums of size |u| that cancel:
 with 8-bit inputs (|u| up to ~150 in the tests) the input step's gradient was off by 1e-4 (median;
-up to 1e-2) against the numpy engine's, and 1e-6 (up to 3e-5) in this form. The activation a is a Clip, whose gradient mask
-lo ≤ P ≤ hi differs from the numpy engine's strict one only where P equals a bound.
+up to 1e-2) against the numpy engine's, and 1e-6 (up to 3e-5) in this form. The activation a is a
+Clip, whose gradient mask lo ≤ P ≤ hi differs from the numpy engine's strict one only where P equals
+a bound.
 
 Per-group learning rates with one optimizer: each trained group's normalized parameter θ_p (the numpy
 engine's) is θ_p = θ_p⁰ + λ_p·p′ with p′ the graph's parameter, starting at 0 and λ_p the group's
 learning rate, and Adam runs at learning rate 1 on p′. Scaling alone (θ = θ⁰ + λ·p′) would hand Adam
-the gradient λ·∂L/∂θ, which moves θ by λ·m̂/(√v̂ + ε/λ): a different ε for each group (the input step's
-gradients are ~1e-6, so ε = 1e-8 against 3e-8 changed its first step by 0.4%). So the graph writes
+the gradient λ·∂L/∂θ, which moves θ by λ·m̂/(√v̂ + ε/λ): a different ε for each group (a test Gemm's input
+step had the gradient 4.6e-6, so ε = 1e-8 against 3e-8 changed its first step by 0.4%). So the graph writes
 θ = θ⁰ + λ·sg(p′) + (p′ − sg(p′)) (the same Cast stop, exact for p′ at multiples of 2⁻⁴⁰): the value is
 θ⁰ + λ·p′ and ∂L/∂p′ = ∂L/∂θ, so each Adam step moves p′ by m̂/(√v̂ + ε) and θ by λ_p·m̂/(√v̂ + ε), the
 numpy engine's step with the numpy engine's ε for every group.
