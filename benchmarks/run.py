@@ -109,6 +109,9 @@ CONFIGS = {
                                                           "bn-reestimate:layers=hidden,bias-correction"}),
     "onnxptq W4A8 adaquant": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant"}),
     "onnxptq W4A8 adaquant parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel"}),
+    # AdaQuant's onnxruntime-training engine (needs `make .venv-training/.installed`)
+    "onnxptq W4A8 advanced ort-training": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:engine=ort-training,"
+                                                              "bn-reestimate:layers=hidden,bias-correction"}),
     **{f"onnxptq W4A8 advanced parallel {n} it": (
         _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:mode=parallel:iterations={n},"
                                                     "bn-reestimate:layers=hidden,bias-correction"})

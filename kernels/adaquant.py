@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -51,6 +52,8 @@ Params = dict[str, np.ndarray]  # "v" [M, K], "w_scale" (ρ_w) [M, nb], "bias" (
 LEARNING_RATES = {"v": 3e-3, "w_scale": 1e-3, "bias": 1e-3, "x_scale": 1e-3}
 # Rows per matrix product when the loss is evaluated on all cached rows (bounds the memory of a pass).
 CHUNK = 4096
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-8
 
 
 @dataclass
@@ -218,7 +221,8 @@ class Fit:
 
 
 class Adam:
-    """Adam (β₁ 0.9, β₂ 0.999, ε 1e-8) with one learning rate per parameter group."""
+    """Adam (``ADAM_BETAS``, ``ADAM_EPSILON``; bias-corrected m̂ and v̂, ε added to √v̂) with one learning
+    rate per parameter group."""
 
     def __init__(self, theta: Params, lr: dict[str, float]):
         self.lr = lr
@@ -231,11 +235,12 @@ class Adam:
         for k, g in grads.items():
             if not learning[k]:
                 continue
-            self.m[k] = 0.9 * self.m[k] + 0.1 * g
-            self.v[k] = 0.999 * self.v[k] + 0.001 * g * g
-            m_hat = self.m[k] / (1 - 0.9**self.t)
-            v_hat = self.v[k] / (1 - 0.999**self.t)
-            theta[k] = (theta[k] - self.lr[k] * m_hat / (np.sqrt(v_hat) + 1e-8)).astype(theta[k].dtype)
+            b1, b2 = ADAM_BETAS
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
+            m_hat = self.m[k] / (1 - b1**self.t)
+            v_hat = self.v[k] / (1 - b2**self.t)
+            theta[k] = (theta[k] - self.lr[k] * m_hat / (np.sqrt(v_hat) + ADAM_EPSILON)).astype(theta[k].dtype)
 
 
 def full_loss(problem: LayerProblem, theta: Params, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
@@ -248,30 +253,69 @@ def full_loss(problem: LayerProblem, theta: Params, rows: Callable[[np.ndarray],
     return total / max(count, 1)
 
 
+class Trainer(Protocol):
+    """An engine's Adam iterations on one layer, from round-to-nearest (``problem.initial()``)."""
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """The loss of the current iterate on rows ``x`` [G, B, K], ``y`` [B, M]; then one Adam step
+        (``LEARNING_RATES`` units) and ``clamp``."""
+        ...
+
+    def theta(self) -> Params:
+        """A copy of the current iterate, in normalized units."""
+        ...
+
+
+class NumpyTrainer:
+    """The numpy engine: ``loss_and_grad``'s hand-derived gradients and ``Adam``."""
+
+    def __init__(self, problem: LayerProblem, lr: dict[str, float]):
+        self.problem, self.current = problem, problem.initial()
+        self.adam, self.learning = Adam(self.current, lr), problem.learning()
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        loss, grads = loss_and_grad(self.problem, self.current, x, y)
+        self.adam.step(self.current, grads, self.learning)
+        clamp(self.problem, self.current)
+        return loss
+
+    def theta(self) -> Params:
+        return copy(self.current)
+
+
+def step_bounds(problem: LayerProblem) -> dict[str, tuple[float, float]]:
+    """Bounds of the relative steps after every Adam step: a weight step stays positive, and the input
+    step stays where the activation's bound can still hold its whole grid."""
+    return {"w_scale": (1e-3, np.inf), "x_scale": (1e-3, problem.x_step_max / (problem.x_step or 1.0))}
+
+
+def clamp(problem: LayerProblem, theta: Params) -> None:
+    """Clip the relative steps of ``theta`` into ``step_bounds`` (in place)."""
+    for name, (lo, hi) in step_bounds(problem).items():
+        theta[name] = np.clip(theta[name], lo, hi)
+
+
 def fit(problem: LayerProblem, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], count: int,
-        settings: Settings, seed: int) -> Fit:
-    """Adam on minibatches drawn (seeded) from the ``count`` cached rows (see ``Settings``)."""
+        settings: Settings, seed: int, trainer: Trainer | None = None) -> Fit:
+    """Adam on minibatches drawn (seeded) from the ``count`` cached rows (see ``Settings``), by
+    ``trainer`` (default: ``NumpyTrainer``). The draws, the probe and the choice of the iterate kept do
+    not depend on the engine."""
     rng = np.random.default_rng(seed)
+    trainer = trainer or NumpyTrainer(problem, settings.lr)
     theta = problem.initial()
-    adam = Adam(theta, settings.lr)
-    learning = problem.learning()
     width = problem.groups * problem.weight.shape[1]
     batch = int(np.clip(settings.elements // width, min(16, settings.batch), settings.batch))
     probe = rows(np.sort(rng.choice(count, min(settings.probe, 8 * batch, count), replace=False)))
-    best, best_loss = copy(theta), loss_and_grad(problem, theta, *probe, grad=False)[0]
+    best, best_loss = theta, loss_and_grad(problem, theta, *probe, grad=False)[0]
     history = []
     for it in range(1, settings.iterations + 1):
         index = np.sort(rng.choice(count, min(batch, count), replace=False))
-        loss, grads = loss_and_grad(problem, theta, *rows(index))
-        history.append(loss)
-        adam.step(theta, grads, learning)
-        # The input step stays where the activation's bound can still hold its whole grid.
-        theta["x_scale"] = np.clip(theta["x_scale"], 1e-3, problem.x_step_max / (problem.x_step or 1.0))
-        theta["w_scale"] = np.maximum(theta["w_scale"], 1e-3)
+        history.append(trainer.step(*rows(index)))
         if it % settings.check == 0 or it == settings.iterations:
+            theta = trainer.theta()
             probed = loss_and_grad(problem, theta, *probe, grad=False)[0]
             if probed < best_loss:
-                best, best_loss = copy(theta), probed
+                best, best_loss = theta, probed
     start = problem.initial()
     rtn = full_loss(problem, start, rows, count)
     final = full_loss(problem, best, rows, count)

@@ -95,8 +95,9 @@ def cli() -> None:
               "optional :key=value options, run in the order given: bn-reestimate[:target=fp32|bn][:layers=bn|hidden] "
               "(match the per-channel mean/std of each BN-folded, or each hidden, layer's output to the fp32 model's, "
               "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error), "
-              "adaquant[:mode=parallel|sequential][:iterations=N][:workers=N] (fit each layer's weights, bias and "
-              "steps to its fp32 output). Core pass names may "
+              "adaquant[:mode=parallel|sequential][:iterations=N][:workers=N][:engine=numpy|ort-training] (fit each "
+              "layer's weights, bias and steps to its fp32 output; ort-training needs `make .venv-training/.installed`). "
+              "Core pass names may "
               "be listed: 'calibration' alone runs no corrections.")
 @click.option("--exclude", default=None, help="Regex: nodes whose name or op type matches stay float.")
 @click.option("--target", type=click.Choice(["ort-cpu", "ort-cpu-size", "ort-cpu-avx2", "ort-cpu-vnni", "generic-qdq"]),

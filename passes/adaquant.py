@@ -45,7 +45,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +68,12 @@ from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
+from onnxptq.training import engine as ort_engine
+from onnxptq.training.layer_graph import LayerOp
+from onnxptq.training.protocol import RowSpec, open_rows, row_reader
 
 MODES = ("parallel", "sequential")
+ENGINES = ("numpy", "ort-training")
 MIN_ROWS_PER_INPUT = 2  # as BitSplit: below this many rows per weight the response does not pin the weights
 
 
@@ -90,13 +94,6 @@ class RowFile:
         return str(self.path), (self.count, *self.shape)
 
 
-RowSpec = tuple[str, tuple[int, ...]]  # (path, shape) of a finished RowFile
-
-
-def open_rows(spec: RowSpec) -> np.ndarray:
-    return np.memmap(spec[0], np.float32, "r", shape=spec[1])
-
-
 class LayerRows:
     """Accumulator for ``capture``: a layer's X rows as [R, G, K] and Y rows [R, M] on disk (either
     may be skipped: sequential mode takes Y from the fp32 capture and X from the quantized one)."""
@@ -110,12 +107,6 @@ class LayerRows:
             self.x.append(x.transpose(1, 0, 2))
         if self.y is not None:
             self.y.append(y)
-
-
-def row_reader(x_spec: RowSpec, y_spec: RowSpec) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """``rows(index)`` → (x [G, B, K], y [B, M]) of a layer's row files, as ``kernels.adaquant`` reads them."""
-    x, y = open_rows(x_spec), open_rows(y_spec)
-    return lambda index: (np.ascontiguousarray(x[index].transpose(1, 0, 2)), np.asarray(y[index]))
 
 
 def fit_files(problem: LayerProblem, x_spec: RowSpec, y_spec: RowSpec, settings: Settings,
@@ -135,7 +126,10 @@ class AdaQuantPass:
     """``mode``: parallel or sequential; ``iterations`` and ``batch`` (rows per Adam step) per layer;
     ``rows``: rows kept per layer and calibration batch; ``workers``: processes fitting independent
     layers at once; ``lr_*``: Adam learning rates of the weights
-    (units of their step), bias (units of the channel's output std), weight and input steps (relative)."""
+    (units of their step), bias (units of the channel's output std), weight and input steps (relative);
+    ``engine``: ``numpy`` (hand-derived gradients, ``kernels/adaquant.py``) or ``ort-training``
+    (the same objective and parameters trained by onnxruntime-training in its own environment,
+    ``onnxptq/training``)."""
 
     mode: str = "sequential"
     iterations: int = Settings.iterations
@@ -146,6 +140,7 @@ class AdaQuantPass:
     lr_b: float = LEARNING_RATES["bias"]
     lr_sw: float = LEARNING_RATES["w_scale"]
     lr_sx: float = LEARNING_RATES["x_scale"]
+    engine: str = "numpy"
     name: ClassVar[str] = "adaquant"
 
     def __post_init__(self) -> None:
@@ -153,6 +148,10 @@ class AdaQuantPass:
             raise InputError(f"adaquant: mode must be parallel or sequential; got {self.mode!r}")
         if self.iterations < 0 or min(self.batch, self.rows, self.workers) < 1:
             raise InputError("adaquant: iterations must be ≥ 0; batch, rows and workers ≥ 1")
+        if self.engine not in ENGINES:
+            raise InputError(f"adaquant: engine must be numpy or ort-training; got {self.engine!r}")
+        if self.engine == "ort-training":
+            ort_engine.training_python()  # a missing environment is refused before any work
 
     def settings(self) -> Settings:
         return Settings(iterations=self.iterations, batch=self.batch,
@@ -180,7 +179,8 @@ class AdaQuantPass:
                             for layer in group]
                 jobs = [(p, inputs[layer.node].x.close(), targets[layer.node], settings, seed)
                         for layer, p in zip(group, problems)]
-                for job, layer, (result, seconds) in zip(jobs, group, self._map(state, jobs)):
+                ops = [LayerOp(layer.op_type, ios[layer.node].kernel) for layer in group]
+                for job, layer, (result, seconds) in zip(jobs, group, self._map(state, jobs, ops)):
                     result = write_checked(state, layer, ios[layer.node], job[0], result, *job[1:3])
                     report.append(_report_row(layer, ios[layer.node], job[0], result, seconds))
 
@@ -203,10 +203,16 @@ class AdaQuantPass:
                                      f"{sum(r['input_step'] for r in report)} input steps moved; "
                                      f"{time.perf_counter() - start:.1f} s")
 
-    def _map(self, state: CompileState, jobs: list[tuple]) -> Iterator[tuple[Fit, float]]:
-        """``fit_files`` over independent layers (all of them in parallel mode, one level's in
-        sequential mode), in ``workers`` processes, in order and seeded alike, so the result does not
-        depend on the number of workers."""
+    def _map(self, state: CompileState, jobs: list[tuple], ops: list[LayerOp]) -> Iterator[tuple[Fit, float]]:
+        """``fit_files`` (or the onnxruntime-training engine, given each layer's operator ``ops``) over
+        independent layers (all of them in parallel mode, one level's in sequential mode), in
+        ``workers`` processes, in order and seeded alike, so the result does not depend on the number
+        of workers."""
+        if self.engine == "ort-training":
+            ort_jobs = [(p, op, *rest) for (p, *rest), op in zip(jobs, ops)]
+            fits = ort_engine.fit_layers(ort_jobs, self.workers)
+            yield from state.progress.track(fits, "adaquant: layers (onnxruntime-training)", len(jobs))
+            return
         if self.workers <= 1:
             yield from (fit_files(*job) for job in state.progress.track(jobs, "adaquant: layers", len(jobs)))
             return
