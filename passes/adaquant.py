@@ -60,6 +60,7 @@ from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings
 from onnxptq.kernels.quant import channel_rows, from_channel_rows, quantize
 from onnxptq.kernels.saturation import PAIR_LIMIT
 from onnxptq.passes.bias_correction import give_bias
+from onnxptq.passes.checked import write_if_better
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.layer_moments import integer_level, level_groups
 from onnxptq.passes.select import BOUNDED
@@ -283,22 +284,16 @@ def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndar
 
 def write_checked(state: CompileState, layer: LayerPlan, io: LayerIO, problem: LayerProblem, result: Fit,
                   x_spec: RowSpec, y_spec: RowSpec) -> Fit:
-    """``write_back``, then the loss of the layer as written, on the same rows: the safe-scale floors
-    applied there can undo part of a fit (on AVX2, raising an 8-bit channel's step to keep its pairs
-    safe re-rounds the fitted weights; EfficientNet-Lite0's stem at 8 bits ended at 3× round-to-nearest's
-    loss). Where the written layer is not better than round-to-nearest, round-to-nearest is put back.
-    Returns the fit with the loss of what the plan now holds."""
-    root = state.plan.root(layer.input_name) if layer.activation_input else None
-    saved = (layer.weight, layer.bias, layer.grid.scale, None if root is None else (root.lo, root.hi))
-    write_back(state, layer, problem, result)
-    written = layer_problem(state, layer, io, open_rows(y_spec))
-    loss = full_loss(written, written.initial(), row_reader(x_spec, y_spec), y_spec[1][0])
-    if loss < result.loss_rtn:
-        return dataclasses.replace(result, loss=loss)
-    layer.weight, layer.bias, layer.grid.scale, bounds = saved
-    if root is not None:
-        root.lo, root.hi = bounds
-    return dataclasses.replace(result, loss=result.loss_rtn)
+    """``write_back`` through ``write_if_better`` (``passes/checked.py``), with the loss of the layer
+    as written on the same rows; returns the fit with the loss of what the plan now holds."""
+
+    def written_loss() -> float:
+        written = layer_problem(state, layer, io, open_rows(y_spec))
+        return full_loss(written, written.initial(), row_reader(x_spec, y_spec), y_spec[1][0])
+
+    checked = write_if_better(state, layer, lambda: write_back(state, layer, problem, result), written_loss,
+                              result.loss_rtn)
+    return dataclasses.replace(result, loss=checked.loss)
 
 
 def write_back(state: CompileState, layer: LayerPlan, problem: LayerProblem, result: Fit) -> None:

@@ -4,7 +4,10 @@ Runs after the round-to-nearest grids (``weights``). For every layer with a 2–
 A = XᵀX, XᵀY, ‖Y‖² and the sums of the layer's fp32 input patches X and pre-bias output Y over the
 calibration set (``onnxptq/capture.py``; X and Y both from the fp32 model, as the paper's released code
 does), then solves for codes and scales (``kernels/bitsplit.py``), starting from the round-to-nearest
-grid, so no channel ends worse than it on the fitted objective. That objective is, per output channel,
+grid, so no channel ends worse than it on the fitted objective. The layer as written (after the
+bias-safe floor, emission's rounding and with its bias change) is measured again on the statistics
+and round-to-nearest is put back unless it is better (``passes/checked.py``, shared with AdaQuant).
+The fitted objective is, per output channel,
 
 * ‖Y − X·ŵᵀ − β‖² with the best bias shift β, for a layer with a bias (centered statistics): the bias
   is a free float in the deployed layer, so the codes need not spend themselves on the mean error
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,6 +37,7 @@ from onnxptq.kernels.bitsplit import BitSplitResult, solve
 from onnxptq.kernels.quant import channel_rows, from_channel_rows
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.kernels.saturation import PAIR_LIMIT
+from onnxptq.passes.checked import Checked, write_if_better
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
@@ -71,13 +76,17 @@ class BitSplitPass:
         state.report.passes.append({"name": self.name, "layers": rows})
         ratios = [r["vs_rtn"] for r in rows if r["vs_rtn"] is not None]
         versus = (f"median ×{statistics.median(ratios):.3f}, worst ×{max(ratios):.3f}" if ratios else "n/a")
+        seconds = [r["seconds"] for r in rows]
         state.report.note(self.name, f"{len(rows)} layers ({len(state.plan.layers) - len(rows)} other layers keep "
-                                     f"round-to-nearest); response error vs round-to-nearest: {versus}; "
-                                     f"capture {capture_s:.1f} s, solve {sum(r['seconds'] for r in rows):.1f} s")
+                                     f"round-to-nearest), {sum(r['kept'] for r in rows)} written (the others not "
+                                     f"better than round-to-nearest as written); response error vs round-to-nearest: "
+                                     f"{versus}; capture {capture_s:.1f} s, solve {sum(seconds):.1f} s (per layer: "
+                                     f"median {statistics.median(seconds):.2f} s, max {max(seconds):.2f} s)")
 
     @staticmethod
     def _solve(state: CompileState, layer: LayerPlan, stats: ResponseStats) -> dict:
-        """Solve one layer, write ŵ = q·α, α (and the bias shift) into its plan, return its report row."""
+        """Solve one layer, write ŵ = q·α, α (and the bias shift) into its plan through the
+        round-to-nearest check (``written_loss``), return its report row."""
         start = time.perf_counter()
         grid = layer.grid
         axis = channel_axis(layer)
@@ -85,18 +94,39 @@ class BitSplitPass:
         objective, fit = _objective(layer, stats, w)
         scale0 = grid.scale.T if grid.block_size else grid.scale
         result = solve(objective, w, grid.bits, scale0, grid.block_size)
-        alpha = result.scale.astype(np.float32)
-        if fit == "centered response":
-            layer.bias = (layer.bias + stats.bias_shift(_weights(result.codes, alpha, grid.block_size))
-                          ).astype(np.float32)
-        if grid.block_size:
-            grid.scale = np.ascontiguousarray(alpha.T)
-        else:
-            # The int32 bias must stay representable at s_x·α (only raises α on dead channels; codes kept)
-            alpha = WeightGridPass._bias_safe(state, layer, alpha[:, 0])[:, None]
-            grid.scale = alpha[:, 0]
-        layer.weight = from_channel_rows(_weights(result.codes, alpha, grid.block_size), axis, layer.weight.shape)
-        return _report_row(layer, objective, result, fit, stats.rows, time.perf_counter() - start)
+
+        def write() -> None:
+            alpha = result.scale.astype(np.float32)
+            if fit == "centered response":
+                layer.bias = (layer.bias + stats.bias_shift(_weights(result.codes, alpha, grid.block_size))
+                              ).astype(np.float32)
+            if grid.block_size:
+                grid.scale = np.ascontiguousarray(alpha.T)
+            else:
+                # The int32 bias must stay representable at s_x·α (raises α where it is below
+                # |b|/(s_x·2³⁰), codes kept: what the check is for)
+                alpha = WeightGridPass._bias_safe(state, layer, alpha[:, 0])[:, None]
+                grid.scale = alpha[:, 0]
+            layer.weight = from_channel_rows(_weights(result.codes, alpha, grid.block_size), axis,
+                                             layer.weight.shape)
+
+        measured = objective if fit == "weights" else stats
+        checked = write_if_better(state, layer, write, written_loss(layer, measured, fit != "weights"))
+        return _report_row(layer, measured, result, fit, checked, time.perf_counter() - start)
+
+
+def written_loss(layer: LayerPlan, stats: ResponseStats, with_bias: bool) -> Callable[[], float]:
+    """The loss of the layer as the plan holds it when called: Σ_c ‖y_c − X ŵ_c − β_c‖² on ``stats``
+    with ŵ the weights emission writes (codes times grid scale) and β the layer's bias change since
+    this call (``with_bias``; the pass runs on the fp32 biases the statistics' targets subtract)."""
+    reference = layer.bias if with_bias else None
+    axis = channel_axis(layer)
+
+    def loss() -> float:
+        shift = None if reference is None else layer.bias.astype(np.float64) - reference
+        return float(stats.objective(channel_rows(layer.dequantized(), axis), shift).sum())
+
+    return loss
 
 
 def _objective(layer: LayerPlan, stats: ResponseStats, w: np.ndarray) -> tuple[ResponseStats, str]:
@@ -118,14 +148,18 @@ def _weights(codes: np.ndarray, alpha: np.ndarray, block: int | None) -> np.ndar
     return codes.astype(np.float32) * np.repeat(alpha, block or k, axis=1)[:, :k]
 
 
-def _report_row(layer: LayerPlan, stats: ResponseStats, result: BitSplitResult, fit: str, rows: float,
+def _report_row(layer: LayerPlan, stats: ResponseStats, result: BitSplitResult, fit: str, checked: Checked,
                 seconds: float) -> dict:
-    """Errors of the fitted objective relative to its ‖Y‖² (round-to-nearest, after init, final), their
-    ratio to round-to-nearest's, and what was fitted."""
-    energy = float(stats.yy.sum())
-    rtn, init, final = float(result.rtn.sum()), result.history[0], result.history[-1]
+    """Relative to ‖Y‖² on ``stats``: the error of the layer as the weights pass left it (round-to-
+    nearest, ``rtn_error``), as BitSplit wrote it (``written_error``) and as the plan now holds it
+    (``error``: the written one if ``kept``, else round-to-nearest's); ``vs_rtn`` = error / rtn_error;
+    ``solver_vs_rtn`` the solver's own objective against round-to-nearest's, before the floors."""
+    energy = float(stats.yy.sum()) or 1.0
+    rtn = float(result.rtn.sum())
     return {"node": layer.node, "op": layer.op_type, "bits": layer.grid.bits, "k": stats.gram.shape[1],
-            "channels": stats.xty.shape[0], "groups": stats.groups, "rows": round(rows), "fit": fit,
-            "rtn_error": rtn / energy if energy else None, "init_error": init / energy if energy else None,
-            "error": final / energy if energy else None, "vs_rtn": final / rtn if rtn > 0 else None,
+            "channels": stats.xty.shape[0], "groups": stats.groups, "rows": round(stats.rows), "fit": fit,
+            "rtn_error": checked.before / energy, "written_error": checked.written / energy,
+            "error": checked.loss / energy, "kept": checked.kept,
+            "vs_rtn": checked.loss / checked.before if checked.before > 0 else None,
+            "solver_vs_rtn": result.history[-1] / rtn if rtn > 0 else None,
             "iterations": result.iterations, "seconds": round(seconds, 3)}

@@ -19,6 +19,7 @@ from onnxptq.kernels.im2col import channels_last_rows, conv_output_shape, conv_p
 from onnxptq.kernels.quant import channel_rows, row_scales
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.model_io import to_ir
+from onnxptq.passes.bitsplit import BitSplitPass
 from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.fusion import FusionPass
 from onnxptq.passes.select import SelectPass
@@ -62,6 +63,9 @@ def test_response_stats_stream_and_objective(rng):
     np.testing.assert_allclose(shift, [(y[:, c] - x[c // 3] @ v[c]).mean() for c in range(6)], rtol=1e-9)
     after_shift = [((y[:, c] - x[c // 3] @ v[c] - shift[c]) ** 2).sum() for c in range(6)]
     np.testing.assert_allclose(stats.centered().objective(v), after_shift, rtol=1e-9)
+    beta = rng.standard_normal(6)
+    shifted = [((y[:, c] - x[c // 3] @ v[c] - beta[c]) ** 2).sum() for c in range(6)]
+    np.testing.assert_allclose(stats.objective(v, beta), shifted, rtol=1e-9)
 
 
 def test_weight_space_stats(rng):
@@ -318,3 +322,32 @@ def test_blocked_int4_matmul(rng):
     assert row["fit"] == "response" and row["k"] == 80 and row["vs_rtn"] < 1
     assert result.report["verification"]["coverage"] == 1.0
     assert sqnr["bitsplit"] >= sqnr["rtn"] + 1, sqnr
+
+
+def test_written_layer_is_checked_against_round_to_nearest(rng):
+    """A bias far above what the weights can move (3e4 against weights of 1e-3) floors the weight
+    scale at |b|/(s_x·2³⁰) to keep the int32 bias representable. BitSplit's fitted scale lies below
+    that floor, and raising it with the codes kept makes the written weights several times the fitted
+    ones (measured: response error 1.03·‖Y‖² as written against 0.43 for round-to-nearest, 0.16 for the
+    fit before the floor). The check measures the layer as written and puts round-to-nearest back; the
+    errors here are recomputed from the calibration patches, independently of the pass's statistics."""
+    w = (rng.standard_normal((4, 3, 3, 3)) * 1e-3).astype(np.float32)
+    b = np.full(4, 3e4, np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                       [fvi("x", ["N", 3, 16, 16])], [fvi("y", ["N", 4, 16, 16])], {"w": w, "b": b})
+    x = smooth_images(rng, 12)
+    state = planned_state(model, x, w_bits=2, first_last_8bit=False, weight_solver="bitsplit")
+    layer = state.plan.layers["conv"]
+    patches = im2col(x.astype(np.float64), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))[0]
+    target = patches @ w.reshape(4, -1).T.astype(np.float64) + b
+
+    def error() -> float:
+        out = patches @ layer.dequantized().reshape(4, -1).T.astype(np.float64) + layer.bias
+        return float(((out - target) ** 2).sum())
+
+    rtn = error()
+    BitSplitPass().run(state)
+    row = next(p for p in state.report.passes if p["name"] == "bitsplit")["layers"][0]
+    assert row["solver_vs_rtn"] < 0.5, "the fit itself beats round-to-nearest before the floor"
+    assert error() <= rtn * (1 + 1e-9), "the written layer must not be worse than round-to-nearest"
+    assert not row["kept"] and row["written_error"] > 2 * row["rtn_error"]
