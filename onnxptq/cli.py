@@ -125,11 +125,14 @@ def cli() -> None:
               help="Mixed precision: each layer's choices, wNaM (weight/activation bits) or float.")
 @click.option("--sweep", type=click.Path(file_okay=False), default=None, help="Mixed precision: also solve a range "
               "of budgets of the same kind and write the Pareto curve (pareto.md, pareto.png) to this folder.")
+@click.option("--pass-effects/--no-pass-effects", default=True, show_default=True,
+              help="Measure agreement with fp32 on the held-back samples after every pass that changes the model "
+              "(one emission and one run of those samples per pass).")
 @with_image_flags
 def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
                 exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
-                pipeline, size_ratio, bops_ratio, max_drop, candidates, sweep, image_size, resize, mean, std,
-                layout, scale) -> None:
+                pipeline, size_ratio, bops_ratio, max_drop, candidates, sweep, pass_effects, image_size, resize, mean,
+                std, layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
     import onnxptq
     from onnxptq.model_io import check_output_path
@@ -147,7 +150,8 @@ def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_met
         w_bits=int(w_bits), a_bits=int(a_bits), calib_method=calib_method, percentile=percentile,
         weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
         holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit,
-        size_ratio=size_ratio, bops_ratio=bops_ratio, max_drop=max_drop, candidates=candidates, sweep=sweep)
+        size_ratio=size_ratio, bops_ratio=bops_ratio, max_drop=max_drop, candidates=candidates, sweep=sweep,
+        pass_effects=pass_effects)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)
