@@ -9,13 +9,15 @@ activations plus the accumulators, whatever the number of samples. A layer with 
 weighted by rows/sampled so sums stay unbiased.
 
 Any accumulator with ``update(x [G, R, K], y [R, M], weight)`` can be streamed (``capture``);
-``response_stats`` collects the least-squares statistics XᵀX, XᵀY, ‖Y‖² (``kernels/response.py``).
+``response_stats`` collects the least-squares statistics XᵀX, XᵀY, ‖Y‖² (``kernels/response.py``),
+``LayerRows`` keeps the rows themselves in files, read back memory-mapped (``open_rows``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -77,6 +79,45 @@ class LayerIO:
         if self.bias is not None:
             y_rows = y_rows - self.bias
         return x_rows, y_rows, total / (len(pick) if pick is not None else total)
+
+
+class RowFile:
+    """Rows of a fixed shape appended to a raw float32 file, read back memory-mapped."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.path, self.shape, self.count = path, shape, 0
+        self.file = open(path, "wb")
+
+    def append(self, rows: np.ndarray) -> None:
+        np.ascontiguousarray(rows, np.float32).tofile(self.file)
+        self.count += len(rows)
+
+    def close(self) -> tuple[str, tuple[int, ...]]:
+        """(path, shape) of the finished file: what ``open_rows`` maps."""
+        self.file.close()
+        return str(self.path), (self.count, *self.shape)
+
+
+RowSpec = tuple[str, tuple[int, ...]]  # (path, shape) of a finished RowFile
+
+
+def open_rows(spec: RowSpec) -> np.ndarray:
+    return np.memmap(spec[0], np.float32, "r", shape=spec[1])
+
+
+class LayerRows:
+    """Accumulator for ``capture``: a layer's X rows as [R, G, K] and Y rows [R, M] on disk (either
+    may be skipped: sequential mode takes Y from the fp32 capture and X from the quantized one)."""
+
+    def __init__(self, stem: Path, io: LayerIO, x: bool, y: bool):
+        self.x = RowFile(stem.with_suffix(".x"), (io.groups, io.k)) if x else None
+        self.y = RowFile(stem.with_suffix(".y"), (io.channels,)) if y else None
+
+    def update(self, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
+        if self.x is not None:
+            self.x.append(x.transpose(1, 0, 2))
+        if self.y is not None:
+            self.y.append(y)
 
 
 def channel_axis(layer: LayerPlan) -> int:

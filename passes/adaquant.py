@@ -53,7 +53,7 @@ from typing import ClassVar
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from onnxptq.capture import LayerIO, capture, channel_axis, layer_io
+from onnxptq.capture import LayerIO, LayerRows, RowSpec, capture, channel_axis, layer_io, open_rows
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, consumers
 from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit, full_loss
@@ -71,45 +71,6 @@ from onnxptq.target import resolve_target
 
 MODES = ("parallel", "sequential")
 MIN_ROWS_PER_INPUT = 2  # as BitSplit: below this many rows per weight the response does not pin the weights
-
-
-class RowFile:
-    """Rows of a fixed shape appended to a raw float32 file, read back memory-mapped."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...]):
-        self.path, self.shape, self.count = path, shape, 0
-        self.file = open(path, "wb")
-
-    def append(self, rows: np.ndarray) -> None:
-        np.ascontiguousarray(rows, np.float32).tofile(self.file)
-        self.count += len(rows)
-
-    def close(self) -> tuple[str, tuple[int, ...]]:
-        """(path, shape) of the finished file: what ``open_rows`` maps."""
-        self.file.close()
-        return str(self.path), (self.count, *self.shape)
-
-
-RowSpec = tuple[str, tuple[int, ...]]  # (path, shape) of a finished RowFile
-
-
-def open_rows(spec: RowSpec) -> np.ndarray:
-    return np.memmap(spec[0], np.float32, "r", shape=spec[1])
-
-
-class LayerRows:
-    """Accumulator for ``capture``: a layer's X rows as [R, G, K] and Y rows [R, M] on disk (either
-    may be skipped: sequential mode takes Y from the fp32 capture and X from the quantized one)."""
-
-    def __init__(self, stem: Path, io: LayerIO, x: bool, y: bool):
-        self.x = RowFile(stem.with_suffix(".x"), (io.groups, io.k)) if x else None
-        self.y = RowFile(stem.with_suffix(".y"), (io.channels,)) if y else None
-
-    def update(self, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
-        if self.x is not None:
-            self.x.append(x.transpose(1, 0, 2))
-        if self.y is not None:
-            self.y.append(y)
 
 
 def row_reader(x_spec: RowSpec, y_spec: RowSpec) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:

@@ -1,9 +1,15 @@
 """BitSplit weight solver (``--weight-solver bitsplit``): 2–4-bit weights fitted to each layer's response.
 
 Runs after the round-to-nearest grids (``weights``). For every layer with a 2–4-bit grid it collects
-A = XᵀX, XᵀY, ‖Y‖² and the sums of the layer's fp32 input patches X and pre-bias output Y over the
-calibration set (``onnxptq/capture.py``; X and Y both from the fp32 model, as the paper's released code
-does), then solves for codes and scales (``kernels/bitsplit.py``), starting from the round-to-nearest
+A = XᵀX, XᵀY, ‖Y‖² and the sums of the layer's input patches X and pre-bias fp32 output Y over the
+calibration set (``onnxptq/capture.py``). Where X comes from (``BitSplitPass.mode``):
+
+* ``sequential`` (the default) — from the QDQ model of the plan, level by level, so each layer sees
+  its already-written quantized prefix, and fake-quantized on the layer's input grid: the inputs its
+  integer kernel gets; Y stays fp32, so a layer also makes up for the error that reaches it;
+* ``parallel`` — from the fp32 model, as the paper's released code does (X and Y both fp32).
+
+It then solves for codes and scales (``kernels/bitsplit.py``), starting from the round-to-nearest
 grid, so no channel ends worse than it on the fitted objective. The layer as written (after the
 bias-safe floor, emission's rounding and with its bias change) is measured again on the statistics
 and round-to-nearest is put back unless it is better (``passes/checked.py``, shared with AdaQuant).
@@ -26,18 +32,22 @@ sum u8×s8 products in saturating int16 pairs no pair can overflow (2·7·255 < 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
-from onnxptq.capture import channel_axis, response_stats
+from onnxptq.capture import LayerIO, LayerRows, capture, channel_axis, open_rows, response_stats
 from onnxptq.errors import InputError
 from onnxptq.kernels.bitsplit import BitSplitResult, solve
-from onnxptq.kernels.quant import channel_rows, from_channel_rows
+from onnxptq.kernels.quant import channel_rows, fake_quantize, from_channel_rows
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.kernels.saturation import PAIR_LIMIT
 from onnxptq.passes.checked import Checked, write_if_better
+from onnxptq.passes.emission import emit_model
+from onnxptq.passes.layer_moments import integer_level, level_groups
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
@@ -53,7 +63,11 @@ MIN_ROWS_PER_INPUT = 2
 
 
 class BitSplitPass:
+    """``mode``: where the layer inputs X come from — ``sequential`` (the quantized model of the plan,
+    level by level, on the layer's input grid) or ``parallel`` (the fp32 model, as the paper)."""
+
     name = "bitsplit"
+    mode = "sequential"
 
     def run(self, state: CompileState) -> None:
         solver = state.options.weight_solver
@@ -69,10 +83,8 @@ class BitSplitPass:
         if resolve_target(state.options.target).int16_pairs:
             assert all(2 * layer.grid.qmax <= PAIR_LIMIT for layer in layers), "codes ≤ 64 are pair-safe"
         start = time.perf_counter()
-        stats = response_stats(state, layers, MAX_ROWS)
-        capture_s = time.perf_counter() - start
-        rows = [self._solve(state, layer, stats.pop(layer.node))
-                for layer in state.progress.track(layers, "bitsplit: layers", len(layers))]
+        rows = [self._solve(state, layer, stats) for layer, stats in layer_statistics(state, layers, self.mode)]
+        capture_s = time.perf_counter() - start - sum(r["seconds"] for r in rows)
         state.report.passes.append({"name": self.name, "layers": rows})
         ratios = [r["vs_rtn"] for r in rows if r["vs_rtn"] is not None]
         versus = (f"median ×{statistics.median(ratios):.3f}, worst ×{max(ratios):.3f}" if ratios else "n/a")
@@ -113,6 +125,60 @@ class BitSplitPass:
         measured = objective if fit == "weights" else stats
         checked = write_if_better(state, layer, write, written_loss(layer, measured, fit != "weights"))
         return _report_row(layer, measured, result, fit, checked, time.perf_counter() - start)
+
+
+def layer_statistics(state: CompileState, layers: list[LayerPlan], mode: str
+                     ) -> Iterator[tuple[LayerPlan, ResponseStats]]:
+    """(layer, its statistics) for every layer: X and Y from the fp32 model (``parallel``), or in
+    ``sequential`` mode Y from the fp32 model and X from the QDQ model of the current plan, level by
+    level (``level_groups``; the caller writes each layer before the next level is captured), each
+    row fake-quantized on the layer's input grid: the inputs its integer kernel will see."""
+    if mode == "parallel":
+        stats = response_stats(state, layers, MAX_ROWS)
+        yield from ((layer, stats.pop(layer.node)) for layer in state.progress.track(layers, "bitsplit: layers",
+                                                                                     len(layers)))
+        return
+    planned = {layer.node: layer for layer in layers}
+    order = {name: i for i, name in enumerate(state.plan.layers)}
+    with tempfile.TemporaryDirectory(prefix="onnxptq-bitsplit-") as tmp:
+        fp32 = capture(state, layers, lambda io: LayerRows(Path(tmp) / str(order[io.node]), io, False, True),
+                       MAX_ROWS, "bitsplit: fp32 outputs")
+        targets = {name: open_rows(acc.y.close()) for name, acc in fp32.items()}
+        groups = level_groups(state.model.graph, planned)
+        for group in state.progress.track(groups, "bitsplit: levels", len(groups)):
+            level = [planned[name] for name in group]
+            paired = capture(state, level, lambda io: QuantizedInputs(io, targets[io.node],
+                                                                      input_grid(state, planned[io.node])),
+                             MAX_ROWS, "bitsplit: quantized inputs", emit_model(state.model, state.plan),
+                             integer_level(state))
+            yield from ((layer, paired[layer.node].stats) for layer in level)
+
+
+def input_grid(state: CompileState, layer: LayerPlan) -> tuple[float, int, int] | None:
+    """(scale, zero point, largest code) of the layer's input grid; None for a float input."""
+    if not layer.activation_input:
+        return None
+    scale, zero = state.plan.act_params(layer.input_name)
+    return float(scale), int(zero), state.plan.root(layer.input_name).qmax
+
+
+class QuantizedInputs:
+    """Accumulator for ``capture`` from the quantized model: its X rows, fake-quantized on ``grid``,
+    paired with the fp32 targets Y [R, M] captured before from the same rows in the same order
+    (``capture`` samples rows by seed, batch and layer)."""
+
+    def __init__(self, io: LayerIO, targets: np.ndarray, grid: tuple[float, int, int] | None):
+        self.stats = ResponseStats(io.groups, io.k, io.channels)
+        self.targets, self.grid, self.next = targets, grid, 0
+
+    def update(self, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
+        rows = x.shape[1]
+        target = self.targets[self.next:self.next + rows]
+        self.next += rows
+        if self.grid is not None:
+            scale, zero, qmax = self.grid
+            x = fake_quantize(x, np.float32(scale), zero, 0, qmax)
+        self.stats.update(x, target, weight)
 
 
 def written_loss(layer: LayerPlan, stats: ResponseStats, with_bias: bool) -> Callable[[], float]:

@@ -16,10 +16,12 @@ from onnxptq.data import load_calibration
 from onnxptq.errors import InputError
 from onnxptq.kernels.bitsplit import solve, split_planes, stitch
 from onnxptq.kernels.im2col import channels_last_rows, conv_output_shape, conv_pads, im2col
-from onnxptq.kernels.quant import channel_rows, row_scales
+from onnxptq.kernels.quant import channel_rows, fake_quantize, row_scales
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.model_io import to_ir
-from onnxptq.passes.bitsplit import BitSplitPass
+from onnxptq.passes.bitsplit import BitSplitPass, layer_statistics
+from onnxptq.passes.emission import emit_model
+from onnxptq.passes.layer_moments import outputs_named
 from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.fusion import FusionPass
 from onnxptq.passes.select import SelectPass
@@ -351,3 +353,30 @@ def test_written_layer_is_checked_against_round_to_nearest(rng):
     assert row["solver_vs_rtn"] < 0.5, "the fit itself beats round-to-nearest before the floor"
     assert error() <= rtn * (1 + 1e-9), "the written layer must not be worse than round-to-nearest"
     assert not row["kept"] and row["written_error"] > 2 * row["rtn_error"]
+
+
+def test_sequential_statistics_see_the_written_prefix(rng):
+    """In sequential mode a layer's X rows come from the QDQ model of the plan as it stands when its
+    level is reached (the layers before it already written), fake-quantized on its input grid, and its
+    targets Y from the fp32 model: recomputed here from onnxruntime's tensors and numpy im2col."""
+    model = feature_cnn(rng)
+    x = smooth_images(rng, 16)
+    state = planned_state(model, x, w_bits=2, first_last_8bit=False, weight_solver="bitsplit")
+    layers = [state.plan.layers[n] for n in ("conv1", "conv2")]
+    stream = layer_statistics(state, layers, "sequential")
+    first, _ = next(stream)
+    first.weight = first.weight * 0.5  # a change to the prefix the next level must see
+    second, stats = next(stream)
+    assert second.node == "conv2"
+    r1 = session(outputs_named(emit_model(state.model, state.plan), ["r1"]), level="basic").run(None, {"x": x})[0]
+    scale, zero = state.plan.act_params("r1")
+    r1 = fake_quantize(r1, scale, zero, 0, 255).astype(np.float64)
+    fp32_r1 = session(outputs_named(to_ir(model), ["r1"])).run(None, {"x": x})[0].astype(np.float64)
+    cols = im2col(r1, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    w2 = channel_rows(second.weight, 0).astype(np.float64)
+    y = im2col(fp32_r1, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))[0] @ w2.T
+    expected = ResponseStats(1, cols.shape[2], 16)
+    expected.update(cols, y)
+    np.testing.assert_allclose(stats.gram, expected.gram, rtol=1e-5, atol=1e-6 * np.abs(expected.gram).max())
+    np.testing.assert_allclose(stats.xty, expected.xty, rtol=1e-4, atol=1e-5 * np.abs(expected.xty).max())
+    assert stats.rows == expected.rows
