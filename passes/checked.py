@@ -36,15 +36,26 @@ def write_if_better(state: CompileState, layer: LayerPlan, write: Callable[[], N
     """Run ``write()`` (which may replace the layer's weight, bias and grid scale arrays and its input
     grid's range), then keep it only if ``loss()`` of the written layer is below ``before`` (by default
     ``loss()`` of the layer before the write)."""
-    root = state.plan.root(layer.input_name) if layer.activation_input else None
-    saved = (layer.weight, layer.bias, layer.grid.scale, None if root is None else (root.lo, root.hi))
+    restore = snapshot(state, layer)
     if before is None:
         before = loss()
     write()
     written = loss()
     if written < before:
         return Checked(before, written, True)
-    layer.weight, layer.bias, layer.grid.scale, bounds = saved
-    if root is not None:
-        root.lo, root.hi = bounds
+    restore()
     return Checked(before, written, False)
+
+
+def snapshot(state: CompileState, layer: LayerPlan) -> Callable[[], None]:
+    """A function that puts back the layer's current weight, bias and grid scale arrays and its input
+    grid's range (writers replace these arrays, they do not change them in place)."""
+    root = state.plan.root(layer.input_name) if layer.activation_input else None
+    saved = (layer.weight, layer.bias, layer.grid.scale, None if root is None else (root.lo, root.hi))
+
+    def restore() -> None:
+        layer.weight, layer.bias, layer.grid.scale, bounds = saved
+        if root is not None:
+            root.lo, root.hi = bounds
+
+    return restore

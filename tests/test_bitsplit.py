@@ -380,3 +380,30 @@ def test_sequential_statistics_see_the_written_prefix(rng):
     np.testing.assert_allclose(stats.gram, expected.gram, rtol=1e-5, atol=1e-6 * np.abs(expected.gram).max())
     np.testing.assert_allclose(stats.xty, expected.xty, rtol=1e-4, atol=1e-5 * np.abs(expected.xty).max())
     assert stats.rows == expected.rows
+
+
+def test_levels_that_raise_the_models_output_error_are_put_back(rng, monkeypatch):
+    """Sequential mode checks each level at the model's outputs. Solutions made harmful on purpose (the
+    codes' signs flipped) and let through the per-layer check are all put back: the compiled model is
+    round-to-nearest's, and each row says so."""
+    import onnxptq.passes.bitsplit as bitsplit_pass
+
+    def flipped(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        result.codes = -result.codes
+        return result
+
+    def always(state, layer, write, loss, before=None):
+        write()
+        return bitsplit_pass.Checked(1.0, 0.5, True)
+
+    model, x = feature_cnn(rng), smooth_images(rng, 24)
+    options = dict(w_bits=2, first_last_8bit=False, pipeline="calibration", holdout=0, pass_effects=False)
+    rtn = onnxptq.compile(model, {"x": x}, **options).model
+    monkeypatch.setattr(bitsplit_pass, "solve", flipped)
+    monkeypatch.setattr(bitsplit_pass, "write_if_better", always)
+    result = onnxptq.compile(model, {"x": x}, weight_solver="bitsplit", **options)
+    rows = next(p for p in result.report["passes"] if p["name"] == "bitsplit")["layers"]
+    assert [(r["node"], r["kept"], r.get("reverted")) for r in rows] == [
+        ("conv1", False, True), ("conv2", False, True), ("conv3", False, True)]
+    assert result.model.graph.SerializeToString() == rtn.graph.SerializeToString()
