@@ -91,6 +91,8 @@ CONFIGS = {
     "onnxptq W3A8 bitsplit": (_compile_onnxptq, {"w_bits": 3, "weight_solver": "bitsplit"}),
     "onnxptq W2A8": (_compile_onnxptq, {"w_bits": 2}),
     "onnxptq W2A8 bitsplit": (_compile_onnxptq, {"w_bits": 2, "weight_solver": "bitsplit"}),
+    **{f"onnxptq W{b}A8 bitsplit parallel": (_compile_onnxptq, {"w_bits": b, "weight_solver": "bitsplit-parallel"})
+       for b in (2, 3, 4)},
     "onnxptq W8A8 no corrections": (_compile_onnxptq, {"pipeline": "calibration"}),
     "onnxptq W8A8 +bias": (_compile_onnxptq, {"pipeline": "bias-correction"}),
     "onnxptq W8A8 +bn": (_compile_onnxptq, {"pipeline": "bn-reestimate:layers=hidden"}),

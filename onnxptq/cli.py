@@ -87,8 +87,9 @@ def cli() -> None:
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
 @click.option("--weight-method", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True,
               help="How per-channel weight scales are chosen.")
-@click.option("--weight-solver", type=click.Choice(["rtn", "bitsplit"]), default="rtn", show_default=True,
-              help="rtn: round to nearest; bitsplit: fit 2–4-bit weights to each layer's response (BitSplit).")
+@click.option("--weight-solver", type=click.Choice(["rtn", "bitsplit", "bitsplit-parallel"]), default="rtn",
+              show_default=True, help="rtn: round to nearest; bitsplit: fit 2–4-bit weights to each layer's "
+              "response (BitSplit), inputs from the quantized prefix; bitsplit-parallel: inputs from the fp32 model.")
 @click.option("--pipeline", default="light", show_default=True,
               help="Correction passes between the weight grids and emission: light (= bn-reestimate:layers=hidden,"
               "bias-correction), advanced (adaquant, then light), or a spec of comma-separated passes, each with "

@@ -2,12 +2,14 @@
 
 Runs after the round-to-nearest grids (``weights``). For every layer with a 2–4-bit grid it collects
 A = XᵀX, XᵀY, ‖Y‖² and the sums of the layer's input patches X and pre-bias fp32 output Y over the
-calibration set (``onnxptq/capture.py``). Where X comes from (``BitSplitPass.mode``):
+calibration set (``onnxptq/capture.py``). Where X comes from (the mode):
 
-* ``sequential`` (the default) — from the QDQ model of the plan, level by level, so each layer sees
-  its already-written quantized prefix, and fake-quantized on the layer's input grid: the inputs its
-  integer kernel gets; Y stays fp32, so a layer also makes up for the error that reaches it;
-* ``parallel`` — from the fp32 model, as the paper's released code does (X and Y both fp32).
+* ``sequential`` (``--weight-solver bitsplit``) — from the QDQ model of the plan, level by level, so
+  each layer sees its already-written quantized prefix, and fake-quantized on the layer's input grid:
+  the inputs its integer kernel gets; Y stays fp32, so a layer also makes up for the error that
+  reaches it; each level is also checked at the model's outputs (``layer_statistics``);
+* ``parallel`` (``--weight-solver bitsplit-parallel``) — from the fp32 model, as the paper's released
+  code does (X and Y both fp32).
 
 It then solves for codes and scales (``kernels/bitsplit.py``), starting from the round-to-nearest
 grid, so no channel ends worse than it on the fitted objective. The layer as written (after the
@@ -53,7 +55,7 @@ from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
 
-SOLVERS = ("rtn", "bitsplit")
+SOLVERS = ("rtn", "bitsplit", "bitsplit-parallel")  # bitsplit: sequential mode
 BITS = (2, 3, 4)
 # Patch rows kept per layer and batch: ~30k over a 64-sample calibration set, about what the paper's
 # released code samples (12k–15k rows), and well above K for every layer of the bundled examples.
@@ -63,17 +65,16 @@ MIN_ROWS_PER_INPUT = 2
 
 
 class BitSplitPass:
-    """``mode``: where the layer inputs X come from — ``sequential`` (the quantized model of the plan,
-    level by level, on the layer's input grid) or ``parallel`` (the fp32 model, as the paper)."""
+    """``--weight-solver bitsplit`` (sequential mode: X from the quantized model of the plan, level by
+    level, on the layer's input grid) or ``bitsplit-parallel`` (X from the fp32 model, as the paper)."""
 
     name = "bitsplit"
-    mode = "sequential"
 
     def run(self, state: CompileState) -> None:
         solver = state.options.weight_solver
         if solver not in SOLVERS:
             raise InputError(f"unknown --weight-solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        if solver != "bitsplit":
+        if solver == "rtn":
             return
         layers = [layer for layer in state.plan.layers.values() if layer.grid.bits in BITS]
         if not layers:
@@ -85,7 +86,8 @@ class BitSplitPass:
         start = time.perf_counter()
         reverted: set[str] = set()
         rows = [self._solve(state, layer, stats)
-                for layer, stats in layer_statistics(state, layers, self.mode, reverted)]
+                for layer, stats in layer_statistics(state, layers, solver.partition("-")[2] or "sequential",
+                                                     reverted)]
         for row in rows:
             if row["node"] in reverted:  # put back after the model's output error did not fall
                 row.update(kept=False, error=row["rtn_error"], vs_rtn=1.0, reverted=True)
