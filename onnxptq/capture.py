@@ -146,12 +146,12 @@ def layer_io(node: ir.Node, layer: LayerPlan) -> LayerIO:
 
 def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerIO], A],
             max_rows: int = 4096, description: str = "capture", source: ir.Model | None = None,
-            level: str = "basic", observe: Callable[[int, list[np.ndarray]], None] | None = None
+            level: str = "basic", observe: tuple[list[str], Callable[[int, list[np.ndarray]], None]] | None = None
             ) -> dict[str, A]:
     """Run the fused fp32 model (or ``source``, a model with the same tensor names, such as the QDQ
     model of the plan, at optimization ``level``) over the calibration batches and stream every
     layer's (X, Y) rows into its accumulator ``make(io)``; returns node name → accumulator.
-    ``observe(b, outputs)``, if given, gets the model's graph outputs of every batch b from the same run.
+    ``observe`` = (names, f): f(b, tensors) gets the named tensors of every batch b from the same run.
 
     The rows sampled from batch b of layer l depend only on (seed, b, l's position in the plan), so
     two captures from different models pick the same rows (inputs from one, targets from the other)."""
@@ -159,7 +159,7 @@ def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerI
     ios = [layer_io(nodes[layer.node], layer) for layer in layers]
     accumulators = {io.node: make(io) for io in ios}
     graph_inputs = {v.name for v in state.model.graph.inputs}
-    finals = [v.name for v in state.model.graph.outputs] if observe is not None else []
+    finals, observer = observe if observe is not None else ([], None)
     names = list(dict.fromkeys([*(n for io in ios for n in (io.input, io.output) if n not in graph_inputs), *finals]))
     model = with_outputs(state.model, names) if source is None else outputs_named(source, names)
     sess = runtime.session(model, threads=state.options.threads, level=level)
@@ -168,8 +168,8 @@ def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerI
     batches = state.calib.batches(batch)
     for b, feed in enumerate(state.progress.track(batches, description, -(-len(state.calib) // batch))):
         tensors = {**feed, **dict(zip(names, sess.run(names, feed)))}
-        if observe is not None:
-            observe(b, [tensors[name] for name in finals])
+        if observer is not None:
+            observer(b, [tensors[name] for name in finals])
         for io in ios:
             rng = np.random.default_rng([state.options.seed, b, order[io.node]])
             accumulators[io.node].update(*io.rows(tensors[io.input], tensors[io.output], rng, max_rows))
