@@ -79,6 +79,18 @@ def _compile_ort(fp32: str, calib: dict, out: str, method: str) -> None:
                                       "entropy": CalibrationMethod.Entropy}[method])
 
 
+def _compile_ort_nbits(fp32: str, calib: dict, out: str, block: int) -> None:
+    """onnxruntime's weight-only 4-bit quantizer (``MatMulNBitsQuantizer``, round-to-nearest, symmetric,
+    blocks of ``block`` along K, int8 compute): its 4-bit option for MatMul weights. It does not
+    quantize Conv or Gemm nor any activation, and takes no calibration data."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(fp32), bits=4, block_size=block, is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    onnx.save(quantizer.model.model, out)
+
+
 CONFIGS = {
     "onnxptq W8A8": (_compile_onnxptq, {}),
     "onnxptq W8A8 avx2-safe": (_compile_onnxptq, {"target": "ort-cpu-avx2"}),
@@ -126,9 +138,14 @@ CONFIGS = {
     **{f"onnxptq W4A8 advanced {n} it": (
         _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
                                                     "bn-reestimate:layers=hidden,bias-correction"})
-       for n in (30, 300)},
+       for n in (30, 300, 1000)},
+    # Plain opset-21 QDQ for other runtimes (full-range 8-bit weights, int4 weights per channel);
+    # timed here on onnxruntime's CPU provider like every row.
+    "onnxptq W8A8 generic-qdq": (_compile_onnxptq, {"target": "generic-qdq"}),
+    "onnxptq W4A8 generic-qdq": (_compile_onnxptq, {"w_bits": 4, "target": "generic-qdq"}),
     "ORT quantize_static MinMax": (_compile_ort, "minmax"),
     "ORT quantize_static Entropy": (_compile_ort, "entropy"),
+    "ORT MatMulNBits W4 weight-only": (_compile_ort_nbits, 32),
     "ORT quantize_static MinMax preprocessed": (_compile_ort, "minmax+pre"),
 }
 

@@ -146,11 +146,12 @@ def layer_io(node: ir.Node, layer: LayerPlan) -> LayerIO:
 
 def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerIO], A],
             max_rows: int = 4096, description: str = "capture", source: ir.Model | None = None,
-            level: str = "basic", observe: tuple[list[str], Callable[[int, list[np.ndarray]], None]] | None = None
-            ) -> dict[str, A]:
+            level: str = "basic", inputs_from: dict[str, str] | None = None,
+            observe: tuple[list[str], Callable[[int, list[np.ndarray]], None]] | None = None) -> dict[str, A]:
     """Run the fused fp32 model (or ``source``, a model with the same tensor names, such as the QDQ
     model of the plan, at optimization ``level``) over the calibration batches and stream every
     layer's (X, Y) rows into its accumulator ``make(io)``; returns node name → accumulator.
+    ``inputs_from`` maps a layer input's name to the tensor of ``source`` to read X from instead.
     ``observe`` = (names, f): f(b, tensors) gets the named tensors of every batch b from the same run.
 
     The rows sampled from batch b of layer l depend only on (seed, b, l's position in the plan), so
@@ -160,7 +161,9 @@ def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerI
     accumulators = {io.node: make(io) for io in ios}
     graph_inputs = {v.name for v in state.model.graph.inputs}
     finals, observer = observe if observe is not None else ([], None)
-    names = list(dict.fromkeys([*(n for io in ios for n in (io.input, io.output) if n not in graph_inputs), *finals]))
+    read = {io.input: (inputs_from or {}).get(io.input, io.input) for io in ios}
+    names = list(dict.fromkeys([*(n for io in ios for n in (read[io.input], io.output) if n not in graph_inputs),
+                                *finals]))
     model = with_outputs(state.model, names) if source is None else outputs_named(source, names)
     sess = runtime.session(model, threads=state.options.threads, level=level)
     order = {name: i for i, name in enumerate(state.plan.layers)}
@@ -172,7 +175,7 @@ def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerI
             observer(b, [tensors[name] for name in finals])
         for io in ios:
             rng = np.random.default_rng([state.options.seed, b, order[io.node]])
-            accumulators[io.node].update(*io.rows(tensors[io.input], tensors[io.output], rng, max_rows))
+            accumulators[io.node].update(*io.rows(tensors[read[io.input]], tensors[io.output], rng, max_rows))
     return accumulators
 
 

@@ -77,7 +77,7 @@ def cli() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the QDQ model.")
 @click.option("--w-bits", type=click.Choice(["8", "4", "3", "2"]), default="8", show_default=True,
               help="Weight bits: 8, or 4/3/2 (codes on int8 kernels for --target ort-cpu; packed int4 storage for "
-              "ort-cpu-size and generic-qdq).")
+              "ort-cpu-size, int2 at 2 bits, and generic-qdq).")
 @click.option("--a-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="Activation bits: 8, or 4 (16-code grids; on int8 kernels, uint8 codes clipped to 0..15 between Q and DQ).")
 @click.option("--first-last-8bit/--no-first-last-8bit", default=True, show_default=True,
@@ -104,7 +104,7 @@ def cli() -> None:
               default="ort-cpu", show_default=True, help="ort-cpu detects this CPU (speed first: sub-8-bit codes on "
               "int8 kernels); ort-cpu-avx2 gives weights that are exact on every x86 CPU (8-bit codes, scales raised "
               "so no int16 pair saturates); ort-cpu-vnni unconstrained 8-bit for VNNI/AMX x86 and ARM; ort-cpu-size "
-              "stores sub-8-bit weights packed as int4 (MatMulNBits for MatMul/Gemm); generic-qdq writes plain "
+              "stores sub-8-bit weights packed as int4 (MatMulNBits for MatMul/Gemm), 2-bit ones as int2; generic-qdq writes plain "
               "opset-21 QDQ with int4/uint4 tensors for other runtimes (no fusion check).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held back for verification "
@@ -120,6 +120,11 @@ def cli() -> None:
               "output loss such that the written file is at most this fraction of the fp32 file's bytes.")
 @click.option("--bops-ratio", type=float, default=None, help="Mixed precision: as --size-ratio, for bit operations "
               "(MACs × w-bits × a-bits) as a fraction of the fp32 model's (32 × 32 per MAC).")
+@click.option("--latency-ratio", type=float, default=None, help="Mixed precision: as --size-ratio, for the summed "
+              "latency of the weighted layers, each measured alone on this host in its encoding, as a fraction of "
+              "their fp32 latency.")
+@click.option("--latency-table", type=click.Path(dir_okay=False), default=None, help="--latency-ratio: a JSON file "
+              "of the per-layer latencies; measured and written if absent, read back (not re-measured) if present.")
 @click.option("--max-drop", type=float, default=None, help="Mixed precision: the smallest file whose predicted output "
               "loss (summed per-layer KL to fp32 for class scores, else 1 − cosine) is at most this.")
 @click.option("--candidates", default="w8a8,w4a8,w3a8,w2a8,float", show_default=True,
@@ -132,8 +137,8 @@ def cli() -> None:
 @with_image_flags
 def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
                 exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
-                pipeline, size_ratio, bops_ratio, max_drop, candidates, sweep, pass_effects, image_size, resize, mean,
-                std, layout, scale) -> None:
+                pipeline, size_ratio, bops_ratio, latency_ratio, latency_table, max_drop, candidates, sweep,
+                pass_effects, image_size, resize, mean, std, layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
     import onnxptq
     from onnxptq.model_io import check_output_path
@@ -151,8 +156,8 @@ def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_met
         w_bits=int(w_bits), a_bits=int(a_bits), calib_method=calib_method, percentile=percentile,
         weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
         holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit,
-        size_ratio=size_ratio, bops_ratio=bops_ratio, max_drop=max_drop, candidates=candidates, sweep=sweep,
-        pass_effects=pass_effects)
+        size_ratio=size_ratio, bops_ratio=bops_ratio, latency_ratio=latency_ratio, latency_table=latency_table,
+        max_drop=max_drop, candidates=candidates, sweep=sweep, pass_effects=pass_effects)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)

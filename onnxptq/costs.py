@@ -11,6 +11,8 @@ encoding       initializers                                                    b
                per channel; int32 bias with its f32 scale and int32 zero point
 ``int4-cast``  int4 codes packed two per byte, Cast to int8 at load (goal      ⌈n/2⌉ + 5C + 12C
                ``size``, Conv); otherwise as ``int8``
+``int2-cast``  int2 codes packed four per byte, Cast to int8 at load (goal     ⌈n/4⌉ + 5C + 12C
+               ``size``, 2-bit codes of any layer); otherwise as ``int8``
 ``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 12C
 ``int4-blocks``int4 codes in blocks of B along K, one f32 scale per block and  ⌈n/2⌉ + 4·⌈K/B⌉·C + 4C
                column, float bias (MatMulNBits)
@@ -43,7 +45,7 @@ from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, WeightGrid
 from onnxptq.state import CompileState
 
-ENCODINGS = ("fp32", "int8", "int8-a4", "int4-cast", "int4-qdq", "int4-blocks")
+ENCODINGS = ("fp32", "int8", "int8-a4", "int4-cast", "int2-cast", "int4-qdq", "int4-blocks")
 _BLOCKED_OPS = ("MatMul", "Gemm")
 
 
@@ -59,6 +61,8 @@ def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bia
         return n + 5 * c + int_bias
     if encoding == "int4-cast":
         return packed + 5 * c + int_bias
+    if encoding == "int2-cast":
+        return -(-n // 4) + 5 * c + int_bias
     if encoding == "int4-qdq":
         return packed + 4 * c + -(-c // 2) + int_bias
     if encoding == "int4-blocks":
@@ -70,6 +74,8 @@ def layer_encoding(layer: LayerPlan, goal: str) -> str:
     """The encoding emission writes for ``layer`` under the target's ``goal``."""
     if layer.grid.block_size:
         return "int4-blocks"
+    if layer.grid.storage == "int2":
+        return "int2-cast"
     if layer.grid.storage == "int4":
         return "int4-qdq" if goal == "generic" else "int4-cast"
     return "int8"
@@ -95,7 +101,7 @@ def _grid(state: CompileState, layer: LayerPlan, encoding: str, k_axis: int) -> 
         w_kn = layer.weight if k_axis == 0 else layer.weight.T
         scale = row_scales(block_rows(w_kn, 32), 7, "minmax").reshape(-1, w_kn.shape[1])
         return WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, scale=scale, block_size=32, storage="int4")
-    bits, storage = (8, "int8") if encoding in ("int8", "int8-a4") else (4, "int4")
+    bits, storage = {"int8": (8, "int8"), "int8-a4": (8, "int8"), "int2-cast": (2, "int2")}.get(encoding, (4, "int4"))
     qmax = 2 ** (bits - 1) - 1
     scale = WeightGridPass._bias_safe(state, layer, row_scales(channel_rows(layer.weight, axis), qmax, "minmax"))
     return WeightGrid(bits=bits, qmax=qmax, axis=axis, storage=storage, scale=scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -25,9 +26,14 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     unique, k = name, 1
     while unique in taken:
         unique, k = f"{name}_{k}", k + 1
-    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+    # onnx-ir 1.1 knows INT2 but cannot infer it from an ml_dtypes.int2 array: named explicitly
+    if array.dtype == ml_dtypes.int2:
+        tensor = ir.Tensor(array, dtype=ir.DataType.INT2, name=unique)
+    else:
+        tensor = ir.tensor(array, name=unique)
+    value = ir.Value(name=unique, const_value=tensor)
     value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    value.type = ir.TensorType(tensor.dtype)
     graph.register_initializer(value)
     return value
 

@@ -39,7 +39,8 @@ class FoldedBN:
 class WeightGrid:
     """Symmetric signed grid of a weight: per channel along ``axis`` (or per block of ``block_size``
     along the reduction axis), codes in [−qmax, qmax] (or [−qmax−1, qmax] for blocked int4 storage).
-    ``storage`` is the initializer type the codes are written in: int8, or int4 packed two per byte."""
+    ``storage`` is the initializer type the codes are written in: int8, int4 packed two per byte, or
+    int2 packed four per byte."""
 
     bits: int
     qmax: int

@@ -40,6 +40,8 @@ class CompileOptions:
     size_ratio: float | None = None
     bops_ratio: float | None = None
     max_drop: float | None = None
+    latency_ratio: float | None = None
+    latency_table: str | None = None  # JSON file of per-layer latencies (onnxptq/latency_table.py)
     candidates: str = "w8a8,w4a8,w3a8,w2a8,float"
     sweep: str | None = None  # a folder: also solve a range of budgets, write pareto.md and pareto.png there
     pass_effects: bool = True  # agreement with fp32 after every pass that changed the model (onnxptq/effects.py)

@@ -68,6 +68,12 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
     else:
         console.print(f"fusion coverage [bold]{ver['coverage']:.1%}[/bold] "
                       f"({ver['integer_ops']}/{ver['planned_ops']} quantized ops on integer kernels)")
+    sim = ver.get("integer_simulation")
+    if sim:
+        ops = ", ".join(f"{op} {n}" for op, n in sim["ops"].items())
+        console.print(f"integer simulation: {sim['layers']} layers ({ops}), {sim['codes']} outputs, max diff "
+                      f"{sim['max_diff']} step(s), {sim['tie_differences']} at rounding ties, "
+                      f"[bold]{sim['unexplained']} unexplained[/bold]")
     if model.get("first_last_8bit"):
         console.print(f"first/last layers kept at 8 bits: {', '.join(model['first_last_8bit'])}")
     for left in ver["float_leftovers"]:
@@ -87,7 +93,9 @@ def print_mixed(console: Console, mixed: dict[str, Any]) -> None:
         f"{layer['node']} {layer['choice']}" for layer in mixed["layers"]))
     console.print(f"  output loss vs fp32 on {mixed['samples']} samples: predicted (sum over layers) "
                   f"{mixed['predicted_loss']:.4g}, measured (all layers at once) {mixed['measured_loss']:.4g}; "
-                  f"size {mixed['size_ratio']:.4f}×, BOPs {mixed['bops_ratio']:.4f}× fp32")
+                  f"size {mixed['size_ratio']:.4f}×, BOPs {mixed['bops_ratio']:.4f}× fp32"
+                  + (f", layer latency {mixed['latency_ratio']:.4f}× fp32 (measured per layer)"
+                     if "latency_ratio" in mixed else ""))
 
 
 def print_eval(console: Console, result: dict[str, Any]) -> None:

@@ -16,12 +16,22 @@ Each profile also says how layers below 8 bits are *encoded* (``goal``):
 * ``size`` (``ort-cpu-size``): sub-8-bit weights stored packed, two int4 codes per byte. MatMul/Gemm
   become int4 blocks along K (MatMulNBits, float activations); Conv stores int4 codes behind a Cast to
   int8 that onnxruntime constant-folds at load, so it still runs on QLinearConv (DequantizeLinear of
-  int4 straight into a Conv has no integer kernel and runs 1.3–1.9× slower than fp32).
-* ``generic`` (``generic-qdq``): plain opset-21 QDQ for other runtimes (TensorRT, QNN, …): every
-  sub-8-bit tensor uses the narrow ONNX type itself — int4 weights per channel (blocked for
-  MatMul/Gemm), uint4 activations — with no onnxruntime-specific trick; 8-bit weights are full
-  range (int32 accumulation assumed). onnxruntime's CPU optimizer cannot fuse (and mis-rewrites)
-  uint4 activations, so such models are verified unoptimized and fusion coverage is not applicable.
+  int4 straight into a Conv has no integer kernel and runs 1.3–1.9× slower than fp32). 2-bit codes of
+  any layer are int2, four per byte, behind the same Cast (opset 25), on the int8 kernels.
+* ``generic`` (``generic-qdq``): plain opset-21 QDQ for other runtimes (TensorRT, QNN, …). It
+  guarantees: the model is opset 21 (IR version ≥ 10) at every bit width and passes
+  ``onnx.checker`` (full check); its only quantization ops are standard-domain QuantizeLinear /
+  DequantizeLinear (no com.microsoft op, no Cast or Clip on codes); activations are uint8 (uint4
+  at ``--a-bits 4``) with one (scale, zero point) per tensor; weights are int8 in [−127, 127] per
+  output channel, or int4 per output channel below 8 bits, zero point 0 (lookup tables int8 per
+  column); biases int32 at s_x·s_w, zero point 0. So the model means the same under any conforming
+  ONNX evaluator, up to the float rounding of the ops between DQ and Q (``onnx.reference`` gives
+  onnxruntime's unoptimized outputs on the test models, ``tests/test_target.py``; on
+  EfficientNet-Lite0 the logits differ by up to 0.11 of 9.3 at W8A8 and 0.19 of 6.2 at W4A8 on two
+  images, rounding flips propagating through 50 weighted layers).
+  Full-range 8-bit weights assume int32 accumulation: on x86 without VNNI onnxruntime's own u8×s8
+  kernels may saturate them. onnxruntime's CPU optimizer cannot fuse (and mis-rewrites) uint4
+  activations, so such models are verified unoptimized and fusion coverage is not applicable.
 """
 
 from __future__ import annotations
@@ -87,7 +97,7 @@ def resolve_target(name: str) -> Target:
         if name == "ort-cpu":
             return host
         return replace(host, name=f"{host.name}-size", goal="size",
-                       description=host.description + "; sub-8-bit weights stored packed as int4")
+                       description=host.description + "; sub-8-bit weights stored packed as int4 (int2 at 2 bits)")
     if name not in TARGETS:
         raise InputError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
     return TARGETS[name]

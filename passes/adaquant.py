@@ -10,7 +10,8 @@ round-to-nearest grid and kept only where it lowers that loss on the cached rows
 Modes (``mode``):
 * ``parallel``   — X from the fp32 model: layers are independent (one capture for all);
 * ``sequential`` — X from the QDQ model of the current plan, level by level
-  (``layer_moments.level_groups``), so each layer sees its already-fitted quantized prefix; the
+  (``layer_moments.level_groups``), so each layer sees its already-fitted quantized prefix (read
+  before the layer's own input quantizer, ``emission.quantized_from``); the
   targets Y stay fp32. Both captures sample the same rows (``capture`` seeds per batch and layer).
   The default: on EfficientNet-Lite0 W4A8 (followed by the light corrections) fp32 top-1 agreement
   0.677 against 0.608 in parallel mode and 0.604 for round-to-nearest; on magika 0.978 against
@@ -61,7 +62,7 @@ from onnxptq.kernels.quant import channel_rows, from_channel_rows, quantize
 from onnxptq.kernels.saturation import PAIR_LIMIT
 from onnxptq.passes.bias_correction import give_bias
 from onnxptq.passes.checked import write_if_better
-from onnxptq.passes.emission import emit_model
+from onnxptq.passes.emission import emit_model, quantized_from
 from onnxptq.passes.layer_moments import integer_level, level_groups
 from onnxptq.passes.select import BOUNDED
 from onnxptq.passes.weights import WeightGridPass
@@ -154,7 +155,7 @@ class AdaQuantPass:
                     quantized = capture(state, level, lambda io: LayerRows(folder / f"{order[io.node]}q", io, True,
                                                                            False),
                                         self.rows, "adaquant: quantized rows", emit_model(state.model, state.plan),
-                                        integer_level(state))
+                                        integer_level(state), quantized_from(state.model, state.plan))
                     fit_all(level, quantized)
         state.report.passes.append({"name": self.name, "layers": report})
         ratios = [r["vs_rtn"] for r in report if r["vs_rtn"] is not None] or [1.0]

@@ -174,7 +174,7 @@ def layer_statistics(state: CompileState, layers: list[LayerPlan], mode: str, re
             paired = capture(state, level, lambda io: QuantizedInputs(io, targets[io.node],
                                                                       input_grid(state, planned[io.node])),
                              MAX_ROWS, f"bitsplit: level {i + 1}/{len(groups)}", emit_model(state.model, state.plan),
-                             integer_level(state), (outputs, error.update))
+                             integer_level(state), observe=(outputs, error.update))
             if pending is not None:
                 restores, names, before = pending
                 pending = None

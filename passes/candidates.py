@@ -1,7 +1,7 @@
 """Mixed-precision candidates and budgets: parsing, option checks, and which candidates to measure.
 
 A candidate is a layer's precision — weight bits and activation bits, or float — written ``wNaM`` or
-``float`` in ``--candidates``. A budget is one of ``--size-ratio``, ``--bops-ratio``, ``--max-drop``.
+``float`` in ``--candidates``. A budget is one of ``--size-ratio``, ``--bops-ratio``, ``--latency-ratio``, ``--max-drop``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from onnxptq.state import CompileOptions
 FLOAT_BITS = 32
 WEIGHT_BITS = (8, 4, 3, 2)
 ACTIVATION_BITS = (8,)  # 4-bit activations arrive with the 4-bit encodings
-BUDGETS = ("size_ratio", "bops_ratio", "max_drop")
+BUDGETS = ("size_ratio", "bops_ratio", "latency_ratio", "max_drop")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def parse_candidates(text: str) -> list[Candidate]:
 
 
 def budget_of(options: CompileOptions) -> str | None:
-    """The budget option set (size_ratio, bops_ratio or max_drop), None without one; checks the
+    """The budget option set (one of ``BUDGETS``), None without one; checks the
     options mixed precision cannot combine with, before any work is done."""
     given = [b for b in BUDGETS if getattr(options, b) is not None]
     if not given:

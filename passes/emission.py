@@ -7,7 +7,8 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
   ``block_size``), which onnxruntime turns into MatMulNBits; per-channel int4 storage (goal ``size``)
   is int4 → Cast(int8) → DequantizeLinear: onnxruntime folds the Cast of a constant at load, so the
   file holds packed int4 and the layer still fuses into QLinearConv/QGemm (goal ``generic`` writes
-  the plain DequantizeLinear of int4);
+  the plain DequantizeLinear of int4); 2-bit codes under goal ``size`` are int2 → Cast(int8) the same
+  way, four per byte (opset 25: onnxruntime 1.32 loads and folds it, the layer fuses as at int4);
 * biases become int32 at scale s_x·s_w[c] (what QLinearConv/QGemm accumulate in), zero point 0;
   layers with a float input (int4 MatMulNBits) keep the plan's bias in float;
 * every planned activation t gets t → QuantizeLinear(s, z) → DequantizeLinear → consumers, uint8;
@@ -59,12 +60,12 @@ def _opset(proto: onnx.ModelProto) -> int:
 
 
 def _with_opset(proto: onnx.ModelProto, needed: int) -> onnx.ModelProto:
-    """``proto`` converted to at least opset ``needed`` (per-channel DQ needs 13, int4 blocks 21)."""
+    """``proto`` converted to at least opset ``needed`` (per-channel DQ needs 13, int4 21, int2 25)."""
     if _opset(proto) >= needed:
         return proto
     try:
         converted = version_converter.convert_version(proto, needed)
-        # int4 tensors exist from IR version 10 on (the one paired with opset 21); the converter
+        # int4 tensors exist from IR version 10 on (paired with opset 21), int2 from 11; the converter
         # leaves the IR version as it was, and onnxruntime then skips its int4 fusions.
         converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
             [onnx.helper.make_opsetid("", needed)]))
@@ -196,6 +197,9 @@ class _Writer:
         return next(iter(self.graph))
 
 
+PACKED = {"int4": ml_dtypes.int4, "int2": ml_dtypes.int2}  # packed storage → the codes' numpy type
+
+
 def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) -> None:
     grid = layer.grid
     if grid.block_size:
@@ -211,10 +215,10 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
         return
     s_w = grid.scale.astype(np.float32)
     codes = quantize(layer.weight, broadcast_channel(s_w, grid.axis, layer.weight.ndim), 0, grid.low, grid.qmax)
-    packed = grid.storage == "int4"
+    packed = grid.storage in PACKED
     # Packed codes are cast to int8 where onnxruntime folds the Cast at load (the integer kernels
     # take int8 weights); the generic encoding dequantizes int4 directly.
-    stored, zp_type = (ml_dtypes.int4, ml_dtypes.int4 if plan.goal == "generic" else np.int8) if packed \
+    stored, zp_type = (PACKED[grid.storage], ml_dtypes.int4 if plan.goal == "generic" else np.int8) if packed \
         else (np.int8, np.int8)
     node.replace_input_with(1, w.dq(layer.weight_name, codes.astype(stored), s_w, np.zeros(len(s_w), zp_type),
                                     axis=grid.axis, unpack=packed and plan.goal != "generic"))
@@ -237,6 +241,31 @@ def _absorbed(value: ir.Value, act: ActivationPlan) -> ir.Value | None:
     return pre if len(pre.uses()) == 1 and not pre.is_graph_output() else None
 
 
+def _capped_source(plan: QuantPlan, value: ir.Value) -> ir.Value | None:
+    """The tensor the capped Q of ``value`` reads instead of ``value`` (an absorbed Relu/Clip's
+    input), for an activation emitted as a capped pair; else None."""
+    act = plan.activations[value.name]
+    if plan.root(value.name).qmax < 255 and act.tied_to is None and not _narrow(plan, act):
+        return _absorbed(value, act)
+    return None
+
+
+def quantized_from(fp32: ir.Model, plan: QuantPlan) -> dict[str, str]:
+    """Activation name → the tensor of the emitted model that holds its value *before* quantization,
+    where that is another tensor: an absorbed Relu/Clip drops out, so its input x is quantized
+    directly (clip(round(x/s), 0, Q) = clip(round(relu(x)/s), 0, Q) for a zero point of 0 and a grid
+    inside the bound) and the activation's own name is taken by the dequantized codes. A pass that
+    re-fits the input grid must read x, not the codes of the grid it is changing."""
+    values = {v.name: v for n in fp32.graph for v in n.outputs}
+    found = {}
+    for name in plan.activations:
+        value = values.get(name)
+        source = None if value is None or value.is_graph_output() else _capped_source(plan, value)
+        if source is not None:
+            found[name] = source.name
+    return found
+
+
 def _narrow(plan: QuantPlan, act: ActivationPlan) -> bool:
     """Whether ``act`` is written as a plain uint4 tensor (goal ``generic``, a grid of ≤ 4 bits)."""
     return plan.goal == "generic" and plan.root(act.name).bits <= 4
@@ -247,9 +276,12 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
 
     Node names are kept, so a planned layer is found in the result by its name.
     """
-    int4 = any(l.grid.storage == "int4" for l in plan.layers.values()) \
+    # int4 tensors need opset 21 (int2 25); the generic target promises opset-21 QDQ at every bit width.
+    storages = {l.grid.storage for l in plan.layers.values()}
+    opset21 = plan.goal == "generic" or "int4" in storages \
         or any(_narrow(plan, a) for a in plan.activations.values())
-    model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), 21 if int4 else 13))
+    opset = 25 if "int2" in storages else 21 if opset21 else 13
+    model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), opset))
     graph = model.graph
     nodes = {n.name: n for n in graph}
     writer = _Writer(graph)
@@ -273,7 +305,7 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
                     use.node.replace_input_with(use.idx, dq)
         elif root.qmax < 255 and act.tied_to is None and dtype is np.uint8:
             value = values[name]
-            writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_absorbed(value, act))
+            writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_capped_source(plan, value))
         else:
             writer.qdq(values[name], scale, zp, skip=float_input, dtype=dtype)
     common.RemoveUnusedNodesPass()(model)

@@ -15,9 +15,14 @@ The program (``kernels/allocation.py``), with x_{l,c} one-hot per layer:
 
 * ``--size-ratio R``:  min Σ ΔL  s.t.  F + Σ bytes(l, c) ≤ R · (fp32 file bytes), where F, the rest of
   the file (activation grids, graph, metadata), is measured on the emitted 8-bit model. The chosen
-  plan is then emitted in memory and measured; if the file is over budget (headers the payload count
-  leaves out), the limit drops by the excess and the program is solved again.
+  plan is then emitted in memory and measured; if the file is over budget (bytes the count leaves out,
+  such as the Cast nodes of packed layers), the program is solved again with a limit below what the
+  chosen mix was counted at, by the excess (lowering the old limit alone can return the same mix).
 * ``--bops-ratio R``:  min Σ ΔL  s.t.  Σ BOPs ≤ R · Σ_l MACs_l · 32 · 32 (the fp32 model's BOPs).
+* ``--latency-ratio R``: min Σ ΔL  s.t.  Σ ms(l, c) ≤ R · Σ_l ms(l, fp32), ms the layer's measured
+  latency alone on this host in the encoding c is emitted in (``onnxptq/latency_table.py``: measured
+  once per model and target into ``--latency-table FILE``, read back from it after). Only the weighted
+  layers are counted, not the Q/DQ and other ops between them.
 * ``--max-drop D``:    min Σ bytes (ties broken by fewer BOPs)  s.t.  Σ ΔL ≤ D, D in ΔL's units.
 
 An infeasible budget is an input error naming the smallest achievable value. The chosen bits are
@@ -43,10 +48,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxptq.costs import layer_storage_bytes
+from onnxptq.costs import layer_encoding, layer_storage_bytes
 from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
+from onnxptq.latency_table import layer_latencies
 from onnxptq.passes.bias_correction import give_bias
 from onnxptq.passes.candidates import FLOAT_BITS, Candidate, budget_of, dominated, parse_candidates
 from onnxptq.pareto import write_sweep
@@ -113,11 +119,13 @@ class Tables:
     fp32_bytes: int
     old: QuantPlan
     ref: Reference
+    fp32_ms: float = 0.0  # Σ of the layers' fp32 latencies (latency budgets)
 
     def limit(self, value: float) -> float:
         """The budget option's ``value`` as a limit on the program's constrained total."""
         return {"size_ratio": value * self.fp32_bytes - self.fixed,
-                "bops_ratio": value * self.macs.sum() * FLOAT_BITS**2, "max_drop": value}[self.budget]
+                "bops_ratio": value * self.macs.sum() * FLOAT_BITS**2, "latency_ratio": value * self.fp32_ms,
+                "max_drop": value}[self.budget]
 
     def program(self) -> tuple[np.ndarray, np.ndarray]:
         """(objective, constrained) tables of ``allocate``."""
@@ -125,8 +133,9 @@ class Tables:
 
     def summary(self, choice: np.ndarray) -> dict[str, float]:
         rows = np.arange(len(self.layers))
+        latency = {"latency_ratio": float(self.cost[rows, choice].sum() / self.fp32_ms)} if self.fp32_ms else {}
         return {"predicted_loss": float(self.loss[rows, choice].sum()),
-                "bops_ratio": float(self.bops[rows, choice].sum() / (self.macs.sum() * FLOAT_BITS**2))}
+                "bops_ratio": float(self.bops[rows, choice].sum() / (self.macs.sum() * FLOAT_BITS**2)), **latency}
 
 
 class MixedPrecisionPass:
@@ -151,6 +160,8 @@ class MixedPrecisionPass:
                         "loss": {cand.label: None if np.isnan(loss[i, j]) else float(loss[i, j])
                                  for j, cand in enumerate(candidates)},
                         "bytes": {cand.label: int(t.size[i, j]) for j, cand in enumerate(candidates)},
+                        **({"ms": {cand.label: float(t.cost[i, j]) for j, cand in enumerate(candidates)}}
+                           if t.budget == "latency_ratio" else {}),
                         "macs": int(t.macs[i])} for i, (l, c) in enumerate(zip(layers, choice))],
         }
         counts = {cand.label: int((choice == j).sum()) for j, cand in enumerate(candidates)}
@@ -176,11 +187,12 @@ class MixedPrecisionPass:
                           for f in fitted[l.node]] for l in layers], np.float64)
         macs = np.array([ref.macs[l.node] for l in layers], np.float64)
         bops = macs[:, None] * np.array([c.bops_per_mac for c in candidates], np.float64)[None, :]
-        cost = {"size_ratio": size, "bops_ratio": bops,
+        ms, fp32_ms = self._latency(state, layers, fitted) if budget == "latency_ratio" else (None, 0.0)
+        cost = {"size_ratio": size, "bops_ratio": bops, "latency_ratio": ms,
                 "max_drop": size + bops / max(bops.max() * len(layers), 1.0)}[budget]  # bytes, ties by BOPs
         fixed = output_model(state).ByteSize() - sum(layer_storage_bytes(l, goal) for l in layers)
         t = Tables(budget, candidates, layers, fitted, np.zeros(cost.shape), size, bops, macs, cost, fixed,
-                   state.source.ByteSize(), state.plan, ref)
+                   state.source.ByteSize(), state.plan, ref, fp32_ms)
         masked = np.where(unavailable, np.nan, cost)
         if budget == "size_ratio":  # the rest of the file, measured on the smallest choice too
             cheapest = np.nanargmin(masked, axis=1)
@@ -248,6 +260,16 @@ class MixedPrecisionPass:
         return points
 
     @staticmethod
+    def _latency(state: CompileState, layers: list[LayerPlan], fitted: dict[str, list]) -> tuple[np.ndarray, float]:
+        """Milliseconds per layer and candidate (the encoding each is emitted in; float: fp32), and the
+        sum of the layers' fp32 milliseconds."""
+        goal = state.plan.goal
+        encodings = {l.node: ["fp32" if f is None else layer_encoding(f, goal) for f in fitted[l.node]] for l in layers}
+        ms = layer_latencies(state, {n: {*e, "fp32"} for n, e in encodings.items()}, state.options.latency_table)
+        table = np.array([[ms[l.node][e] for e in encodings[l.node]] for l in layers], np.float64)
+        return table, sum(ms[l.node]["fp32"] for l in layers)
+
+    @staticmethod
     def _sensitivity(state: CompileState, fitted: dict[str, list], skip: np.ndarray, ref: Reference) -> np.ndarray:
         """ΔL per layer and candidate: 0 for float, NaN where ``skip`` (not measured, not chosen)."""
         loss = np.full(skip.shape, np.nan)
@@ -299,6 +321,10 @@ class MixedPrecisionPass:
                     f"{(t.fixed + exc.smallest) / t.fp32_bytes:.4f}× of the fp32 bytes; raise --size-ratio to at "
                     "least that" + ("" if t.old.goal != "speed" else
                                     " (or --target ort-cpu-size, which stores weights below 8 bits packed)"))
+        if t.budget == "latency_ratio":
+            return (f"--latency-ratio is below the smallest these candidates ({labels}) reach: "
+                    f"{exc.smallest / t.fp32_ms:.4f} of the layers' fp32 latency on this host; raise it to at least "
+                    "that")
         if t.budget == "bops_ratio":
             return (f"--bops-ratio is below the smallest these candidates ({labels}) reach: "
                     f"{exc.smallest / (t.macs.sum() * FLOAT_BITS**2):.5f} of the fp32 BOPs; raise it to at least "

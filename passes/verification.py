@@ -7,10 +7,11 @@
   the float leftovers are named. For the ``generic-qdq`` target (uint4 tensors, which onnxruntime's
   QDQ optimizers reject) the model is loaded and run at ORT_ENABLE_BASIC instead and coverage is
   not applicable (reported as None);
-* integer simulation (``onnxptq/simulate.py``): on one held-back sample, up to ``SIMULATED`` Conv
-  layers spread over the model are recomputed in numpy from the codes onnxruntime's fused graph feeds
-  them, and their output codes compared with the fused kernels': differences other than one code at a
-  rounding tie are counted as ``unexplained`` (int16 saturation, a merged Q/DQ pair, …);
+* integer simulation (``onnxptq/simulate.py``): on one held-back sample, up to ``SIMULATED`` each of
+  the Conv layers, the Gemm/MatMul layers with integer inputs and the quantized Adds, spread over the model,
+  are recomputed in numpy from the codes onnxruntime's fused graph feeds them, and their outputs
+  compared with the fused kernels' (codes, or a float output's accumulator): differences other than
+  one code at a rounding tie are counted as ``unexplained`` (int16 saturation, a merged Q/DQ pair, …);
 * output agreement with the user's fp32 model on held-back calibration samples: SQNR, cosine,
   max |error| and, for class scores, top-1 agreement.
 """
@@ -25,7 +26,7 @@ import onnx
 from onnxptq import runtime
 from onnxptq.costs import layer_encoding, layer_storage_bytes
 from onnxptq.effects import agreement, verification_data
-from onnxptq.simulate import check_convs
+from onnxptq.simulate import check_layers
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
 
@@ -65,6 +66,12 @@ def fusion_coverage(planned: dict[str, str], kernels: dict[str, str]) -> dict:
             "kernels": kernel_of}
 
 
+def _spread(names: list[str], n: int = SIMULATED) -> list[str]:
+    """Up to ``n`` of ``names``, evenly spaced from the first to the last."""
+    n = min(n, len(names))
+    return [names[round(k * (len(names) - 1) / max(n - 1, 1))] for k in range(n)]
+
+
 class VerificationPass:
     name = "verification"
 
@@ -88,11 +95,12 @@ class VerificationPass:
             "outputs": agreement(state, out),
         }
         convs = [n for n, layer in state.plan.layers.items() if layer.op_type == "Conv"]
-        if fused and convs:
-            n = min(SIMULATED, len(convs))
-            spread = [convs[round(k * (len(convs) - 1) / max(n - 1, 1))] for k in range(n)]
+        dense = [n for n, layer in state.plan.layers.items() if layer.op_type != "Conv" and layer.activation_input]
+        adds = [n for n, op in state.plan.ops.items() if op == "Add"]
+        if fused and (convs or dense or adds):
             one = {k: v[:1] for k, v in next(iter(data.batches(1))).items()}
-            state.report.verification["integer_simulation"] = check_convs(out, spread, one)
+            state.report.verification["integer_simulation"] = check_layers(
+                out, _spread(convs) + _spread(dense) + _spread(adds), one)
         for name, layer in state.plan.layers.items():
             state.report.layers.append({"node": name, "op": layer.op_type, "w_bits": layer.grid.bits,
                                         "a_bits": state.plan.root(layer.input_name).bits

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import onnxptq
-from conftest import cnn
+from conftest import cnn, fvi, make_model
+from onnx import helper
 from onnxptq import pipelines
 from onnxptq.api import PIPELINE
 from onnxptq.capture import capture, layer_io
@@ -16,7 +17,7 @@ from onnxptq.kernels.quant import broadcast_channel, dequantize, quantize
 from onnxptq.kernels.saturation import pairs_fit, reduction_rows
 from onnxptq.passes.adaquant import AdaQuantPass, layer_problem, movable_input_step, output_bound
 from onnxptq.passes.bn_reestimate import weight_codes
-from onnxptq.passes.emission import emit_model
+from onnxptq.passes.emission import emit_model, quantized_from
 from test_corrections import emitted_codes
 
 
@@ -258,6 +259,34 @@ def test_quantized_and_fp32_captures_pick_the_same_rows(rng):
     np.testing.assert_array_equal(fp32["conv1"].x, quant["conv1"].x)
     assert not np.allclose(fp32["conv2"].x, quant["conv2"].x), "conv2 sees the quantized prefix"
     assert fp32["conv2"].x.shape == quant["conv2"].x.shape
+
+
+def test_sequential_rows_are_read_before_the_input_quantizer(rng):
+    """At 4-bit activations an absorbed Relu drops out and its output name is taken by the dequantized
+    codes. Sequential mode must read the Relu's input x instead (the input step it fits re-quantizes
+    x, not codes already on the old grid): x has the negative values the Relu would clip, and
+    quantizing x on the grid gives exactly the codes the emitted model carries."""
+    f = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["gp"], name="gap"),
+             helper.make_node("Flatten", ["gp"], ["y"], name="flat")]
+    model = make_model(nodes, [fvi("x", ["N", 3, 8, 8])], [fvi("y", ["N", 8])],
+                       {"w1": f(8, 3, 3, 3), "b1": f(8), "w2": f(8, 8, 3, 3), "b2": f(8)})
+    from test_corrections import planned
+    state = planned(model, rng.standard_normal((16, 3, 8, 8)).astype(np.float32), w_bits=4, a_bits=4,
+                    first_last_8bit=False)
+    source = emit_model(state.model, state.plan)
+    assert quantized_from(state.model, state.plan) == {"r1": "c1"}
+    layer = [state.plan.layers["conv2"]]
+    codes = capture(state, layer, Keep, max_rows=64, source=source)["conv2"].x
+    pre = capture(state, layer, Keep, max_rows=64, source=source,
+                  inputs_from=quantized_from(state.model, state.plan))["conv2"].x
+    s, z = state.plan.act_params("r1")
+    assert pre.min() < 0 <= codes.min()
+    np.testing.assert_array_equal(quantize(pre, s, z, 0, 15), quantize(codes, s, z, 0, 15))
+    np.testing.assert_allclose(codes, dequantize(quantize(pre, s, z, 0, 15), s, z), rtol=0, atol=1e-6)
 
 
 class Keep:

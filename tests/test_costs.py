@@ -20,7 +20,7 @@ def initializer_bytes(model: onnx.ModelProto, weight: str, bias: str | None) -> 
 
 
 @pytest.mark.parametrize("target,w_bits", [("ort-cpu-avx2", 8), ("ort-cpu", 4), ("ort-cpu-size", 4),
-                                            ("generic-qdq", 4)])
+                                            ("ort-cpu-size", 2), ("generic-qdq", 4)])
 @pytest.mark.parametrize("which", ["cnn", "mlp"])
 def test_storage_bytes_match_the_emitted_initializers(rng, which, target, w_bits):
     model = cnn(rng) if which == "cnn" else mlp(rng)
@@ -29,7 +29,8 @@ def test_storage_bytes_match_the_emitted_initializers(rng, which, target, w_bits
                              target=target, first_last_8bit=False, pipeline="calibration")
     encodings = {row["encoding"] for row in result.report["layers"]}
     expected = {("ort-cpu-avx2", 8): {"int8"}, ("ort-cpu", 4): {"int8"}, ("generic-qdq", 4): {"int4-qdq"},
-                ("ort-cpu-size", 4): {"int4-cast", "int4-blocks"} if which == "cnn" else {"int4-blocks"}}
+                ("ort-cpu-size", 4): {"int4-cast", "int4-blocks"} if which == "cnn" else {"int4-blocks"},
+                ("ort-cpu-size", 2): {"int2-cast"}}
     assert encodings <= expected[target, w_bits] and encodings
     for row in result.report["layers"]:
         assert row["bytes"] == initializer_bytes(result.model, *LAYERS[row["node"]]), row
@@ -40,6 +41,8 @@ def test_storage_bytes_formulas():
     assert storage_bytes("fp32", (32, 16, 3, 3), 32, True) == 4 * 4608 + 4 * 32
     assert storage_bytes("int8", (32, 16, 3, 3), 32, True) == 4608 + 5 * 32 + 12 * 32
     assert storage_bytes("int4-cast", (32, 16, 3, 3), 32, True) == 2304 + 5 * 32 + 12 * 32
+    assert storage_bytes("int2-cast", (32, 16, 3, 3), 32, True) == 1152 + 5 * 32 + 12 * 32
+    assert storage_bytes("int2-cast", (3, 3), 3, False) == 3 + 5 * 3  # 9 codes: ⌈9/4⌉ bytes
     # a [K=80, N=24] MatMul in blocks of 32: 3 blocks per column
     assert storage_bytes("int4-blocks", (80, 24), 24, False) == 960 + 4 * 3 * 24
     with pytest.raises(ValueError, match="unknown encoding"):

@@ -9,7 +9,7 @@ import onnxptq
 from conftest import cnn, fvi, make_model
 from onnxptq.passes.verification import optimized_kernels
 from onnxptq.runtime import session
-from onnxptq.simulate import check_convs, fused_codes
+from onnxptq.simulate import check_layers, fused_codes
 from onnxptq.target import resolve_target
 
 
@@ -86,11 +86,11 @@ def test_a4_codes_match_integer_simulation(rng, which, tmp_path):
     the 4-bit tensors the next layers read are those codes clipped to [0, 15]."""
     _, q, result, x = compile_a4(rng, which, tmp_path)
     convs = ["conv1", "conv2"] + (["conv3"] if which == "signed" else [])
-    check = check_convs(q, convs, {"x": x[:4]})
+    check = check_layers(q, convs, {"x": x[:4]})
     assert check["layers"] == len(convs) and check["unexplained"] == 0, check
     assert check["tie_differences"] <= 0.01 * check["codes"]
     simulated = result.report["verification"]["integer_simulation"]
-    assert simulated["layers"] == len(convs) and simulated["unexplained"] == 0
+    assert simulated["ops"] == {"Conv": len(convs), "Gemm": 1, "Add": 1} and simulated["unexplained"] == 0, simulated
     capped = ["c1", "r2", "c3"] if which == "signed" else ["r1", "r2"]
     codes = fused_codes(q, [f"{t}{part}" for t in capped for part in ("_quantized", "_capped")], {"x": x[:4]})
     for t in capped:
@@ -105,7 +105,7 @@ def test_simulation_catches_int16_saturation(rng, tmp_path):
     model = cnn(rng)
     x = rng.standard_normal((24, 3, 16, 16)).astype(np.float32) * 3
     result = onnxptq.compile(model, {"x": x}, tmp_path / "q.onnx", target="ort-cpu-vnni", weight_method="minmax")
-    check = check_convs(onnx.load(tmp_path / "q.onnx"), ["conv1", "conv2"], {"x": x[:8]})
+    check = check_layers(onnx.load(tmp_path / "q.onnx"), ["conv1", "conv2"], {"x": x[:8]})
     assert check["unexplained"] > 0, check
     assert result.report["verification"]["integer_simulation"]["unexplained"] > 0
 

@@ -67,7 +67,8 @@ def test_real_model_w4a4_integer_simulation(tmp_path):
     ver = result.report["verification"]
     assert ver["coverage"] == 1.0, ver["float_leftovers"]
     sim = ver["integer_simulation"]
-    assert sim["layers"] == 8 and sim["unexplained"] == 0 and sim["tie_differences"] <= 1e-3 * sim["codes"], sim
+    assert sim["ops"] == {"Conv": 8, "Gemm": 1, "Add": 8}, sim
+    assert sim["unexplained"] == 0 and sim["tie_differences"] <= 1e-3 * sim["codes"], sim
     assert len(result.report["model"]["first_last_8bit"]) == 2
     q = onnx.load(tmp_path / "q.onnx")
     caps = [n.output[0] for n in q.graph.node if n.name.endswith("_cap")]

@@ -21,3 +21,39 @@ def test_resolve_target():
     assert resolve_target("ort-cpu").name in TARGETS
     with pytest.raises(InputError, match="unknown target"):
         resolve_target("tpu")
+
+
+@pytest.mark.parametrize("options", [{}, {"w_bits": 4}, {"w_bits": 4, "a_bits": 4}], ids=["W8A8", "W4A8", "W4A4"])
+def test_generic_qdq_is_plain_opset21_qdq(rng, options):
+    """generic-qdq's guarantees (onnxptq/target.py): opset 21 at every bit width, the full checker
+    passes, standard-domain Q/DQ only (no Cast/Clip on codes), full-range int8 or int4 per-channel
+    weights with zero point 0, uint8/uint4 activations; onnx.reference computes what onnxruntime does."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    import onnxptq
+    from conftest import cnn
+    from onnxptq.runtime import session
+
+    x = rng.standard_normal((24, 3, 16, 16)).astype(np.float32)
+    q = onnxptq.compile(cnn(rng), {"x": x[:20]}, target="generic-qdq", first_last_8bit=False, **options).model
+    assert next(o.version for o in q.opset_import if o.domain == "") == 21 and q.ir_version >= 10
+    onnx.checker.check_model(q, full_check=True)
+    assert {n.domain for n in q.graph.node} == {""}
+    producer = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert not [n.name for n in q.graph.node if n.op_type in ("Cast", "Clip")
+                and producer.get(n.input[0]) == "QuantizeLinear"], "no op on the codes between Q and DQ"
+    inits = {i.name: i for i in q.graph.initializer}
+    weight = TensorProto.INT8 if not options else TensorProto.INT4
+    act = TensorProto.UINT4 if options.get("a_bits") == 4 else TensorProto.UINT8
+    for name in ("w1", "w2", "wf"):
+        assert inits[f"{name}_quantized"].data_type == weight
+        assert not numpy_helper.to_array(inits[f"{name}_zero_point"]).any()
+    assert not options or np.abs(numpy_helper.to_array(inits["w2_quantized"]).astype(int)).max() <= 8
+    if not options:
+        assert np.abs(numpy_helper.to_array(inits["w1_quantized"])).max() == 127, "full range: int32 accumulation"
+    assert inits["r1_zero_point"].data_type == act
+    ref = ReferenceEvaluator(q).run(None, {"x": x[20:]})[0]
+    np.testing.assert_allclose(session(q, level="basic").run(None, {"x": x[20:]})[0], ref, rtol=1e-4, atol=1e-4)
