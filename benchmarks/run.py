@@ -6,9 +6,9 @@ beside onnxruntime's quantize_static.
 For each example: build the fp32 model, take 64 unlabeled calibration samples (disjoint from the eval
 set), compile every configuration from the same samples, then evaluate all models on the eval set.
 Reported per row: the example's task metric and its drop vs fp32, agreement with fp32, file size ratio,
-latency ratio vs fp32 (interleaved runs in one process, 1 thread, one sample per run), compile time
-and the compile's peak RSS (each compile runs in a fresh process). Writes ``results.md`` and
-``results.json``.
+latency ratio vs fp32 (interleaved runs in one process, 1 thread, one sample per run), compile time,
+the weight solvers' median seconds per layer, and the compile's peak RSS (each compile runs in a fresh
+process). Writes ``results.md``, ``results.json`` and every onnxptq compile's JSON report in ``reports/``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -33,10 +34,22 @@ VARIANTS = ("efficientnet_lite0_bn",)
 CALIB_SAMPLES = 64
 
 
-def _compile_onnxptq(fp32: str, calib: dict, out: str, options: dict) -> None:
+def _compile_onnxptq(fp32: str, calib: dict, out: str, options: dict) -> dict:
     import onnxptq
 
-    onnxptq.compile(fp32, calib, out, **options)
+    return {"report": onnxptq.compile(fp32, calib, out, **options).report}
+
+
+def solver_times(report: dict) -> dict[str, dict]:
+    """Per weight solver pass of a compile report (a pass with per-layer rows: bitsplit, adaquant), the
+    layers it solved and the median and total of their solve seconds."""
+    times = {}
+    for entry in report.get("passes", []):
+        seconds = [row["seconds"] for row in entry.get("layers", []) if "seconds" in row]
+        if seconds:
+            times[entry["name"]] = {"layers": len(seconds), "median_s": float(statistics.median(seconds)),
+                                    "total_s": float(sum(seconds))}
+    return times
 
 
 def _compile_ort(fp32: str, calib: dict, out: str, method: str) -> None:
@@ -90,6 +103,8 @@ CONFIGS = {
     "onnxptq W3A8 bitsplit": (_compile_onnxptq, {"w_bits": 3, "weight_solver": "bitsplit"}),
     "onnxptq W2A8": (_compile_onnxptq, {"w_bits": 2}),
     "onnxptq W2A8 bitsplit": (_compile_onnxptq, {"w_bits": 2, "weight_solver": "bitsplit"}),
+    **{f"onnxptq W{b}A8 bitsplit parallel": (_compile_onnxptq, {"w_bits": b, "weight_solver": "bitsplit-parallel"})
+       for b in (2, 3, 4)},
     "onnxptq W8A8 no corrections": (_compile_onnxptq, {"pipeline": "calibration"}),
     "onnxptq W8A8 +bias": (_compile_onnxptq, {"pipeline": "bias-correction"}),
     "onnxptq W8A8 +bn": (_compile_onnxptq, {"pipeline": "bn-reestimate:layers=hidden"}),
@@ -104,6 +119,8 @@ CONFIGS = {
     "onnxptq W4A8 +bn(target=bn)": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=bn:target=bn"}),
     "onnxptq W8A8 advanced": (_compile_onnxptq, {"pipeline": "advanced"}),
     "onnxptq W4A8 advanced": (_compile_onnxptq, {"w_bits": 4, "pipeline": "advanced"}),
+    "onnxptq W3A8 advanced": (_compile_onnxptq, {"w_bits": 3, "pipeline": "advanced"}),
+    "onnxptq W2A8 advanced": (_compile_onnxptq, {"w_bits": 2, "pipeline": "advanced"}),
     "onnxptq W4A4 advanced": (_compile_onnxptq, {"w_bits": 4, "a_bits": 4, "pipeline": "advanced"}),
     "onnxptq W4A8 advanced parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel,"
                                                           "bn-reestimate:layers=hidden,bias-correction"}),
@@ -145,9 +162,9 @@ TABLE = ("onnxptq W8A8", "onnxptq W8A8 no corrections", "onnxptq W4A8", "onnxptq
 def _child(fn, args, queue) -> None:
     start = time.perf_counter()
     try:
-        fn(*args)
+        extra = fn(*args) or {}
         queue.put({"seconds": time.perf_counter() - start,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra})
     except Exception as exc:  # reported in the table, the run goes on
         queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
 
@@ -171,7 +188,8 @@ def session(path: str) -> ort.InferenceSession:
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def run_example(name: str, configs: list[str], workdir: Path, runs: int) -> list[dict]:
+def run_example(name: str, configs: list[str], workdir: Path, runs: int, reports: Path) -> list[dict]:
+    """The rows of example ``name``; each onnxptq compile's JSON report is written into ``reports``."""
     from onnxptq.latency import interleaved_latency
 
     ex = importlib.import_module(f"examples.{name}.example")
@@ -185,6 +203,10 @@ def run_example(name: str, configs: list[str], workdir: Path, runs: int) -> list
         out = str(workdir / f"{name}-{config.replace(' ', '_')}.onnx")
         print(f"[{name}] compiling {config} …", file=sys.stderr, flush=True)
         info = compile_in_child(fn, (fp32, calib, out, arg))
+        if "report" in info:  # the full compile report goes to its own file, the row keeps the solver times
+            report = info.pop("report")
+            info["solvers"] = solver_times(report)
+            (reports / f"{name}-{config.replace(' ', '_')}.json").write_text(json.dumps(report, indent=1) + "\n")
         rows[config] = {"example": name, "config": config, **info}
         if "error" not in info:
             paths[config] = out
@@ -218,16 +240,18 @@ def run_example(name: str, configs: list[str], workdir: Path, runs: int) -> list
 
 def markdown(rows: list[dict]) -> str:
     head = ("| example | config | metric | value | drop vs fp32 | agreement with fp32 | size × | latency × | "
-            "compile s | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "compile s | solver s/layer | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['example']} | {r['config']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['example']} | {r['config']} | failed: {r['error']} | | | | | | | | |")
             continue
+        solvers = ", ".join(f"{k} {v['median_s']:.2f} (×{v['layers']}, Σ {v['total_s']:.0f} s)"
+                            for k, v in r.get("solvers", {}).items())
         agree = ", ".join(f"{k} {v:.4f}" for k, v in r.get("agreement", {}).items()) if r["config"] != "fp32" else ""
         lines.append(f"| {r['example']} | {r['config']} | {r['primary_name']} | {r['primary']:.4f} | "
                      f"{r['drop']:+.4f} | {agree} | {r['size_ratio']:.3f} | {r['latency_ratio']:.3f} | "
-                     f"{r.get('seconds', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} |")
+                     f"{r.get('seconds', 0):.1f} | {solvers} | {r.get('peak_rss_mb', 0):.0f} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -248,12 +272,14 @@ def main() -> None:
                      f"known: {[*EXAMPLES, *VARIANTS]}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    reports = out / "reports"
+    reports.mkdir(exist_ok=True)
     meta = {"onnxruntime": ort.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "calibration_samples": CALIB_SAMPLES, "threads": 1}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in examples:
-            rows += run_example(name, configs, Path(tmp), args.runs)
+            rows += run_example(name, configs, Path(tmp), args.runs, reports)
             # written after every example, so a long run's finished rows survive an interruption
             (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
             (out / "results.md").write_text(f"onnxruntime {meta['onnxruntime']}, {CALIB_SAMPLES} calibration samples, "

@@ -78,11 +78,18 @@ class ResponseStats:
         """β_c = (t_c − s_gᵀw_c)/n: the mean of y_c − X_g w_c, the bias change that removes it."""
         return (self.ysum - np.einsum("ck,ck->c", self.xsum[self.channel_groups()], w)) / max(self.rows, 1.0)
 
-    def objective(self, w: np.ndarray) -> np.ndarray:
-        """f_c(w_c) = ‖y_c‖² − 2·b_cᵀw_c + w_cᵀ A_{g(c)} w_c for weights ``w`` [M, K]; one value per channel."""
+    def objective(self, w: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
+        """f_c(w_c) = ‖y_c‖² − 2·b_cᵀw_c + w_cᵀ A_{g(c)} w_c for weights ``w`` [M, K]; one value per channel.
+        With a bias ``shift`` β [M] added to the layer's output, ‖y_c − X_g w_c − β_c‖² =
+        f_c(w_c) − 2·β_c·(t_c − s_gᵀw_c) + n·β_c²."""
         w = np.asarray(w, np.float64)
         aw = gram_product(self.gram, w)
-        return self.yy - 2 * np.einsum("ck,ck->c", self.xty, w) + np.einsum("ck,ck->c", w, aw)
+        f = self.yy - 2 * np.einsum("ck,ck->c", self.xty, w) + np.einsum("ck,ck->c", w, aw)
+        if shift is None:
+            return f
+        beta = np.asarray(shift, np.float64)
+        mean_error = self.ysum - np.einsum("ck,ck->c", self.xsum[self.channel_groups()], w)
+        return f - 2 * beta * mean_error + self.rows * beta**2
 
 
 def gram_product(gram: np.ndarray, w: np.ndarray) -> np.ndarray:

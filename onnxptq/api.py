@@ -13,6 +13,7 @@ import onnx
 
 from onnxptq import pipelines, runtime
 from onnxptq.data import ImageOptions, load_calibration
+from onnxptq.effects import PassEffects
 from onnxptq.errors import BudgetError, InputError
 from onnxptq.latency import interleaved_latency
 from onnxptq.metrics import compare_outputs
@@ -95,7 +96,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, calib: Any, output: str 
                          progress=progress or Progress())
     state.report.model = model_summary(source, path)
     state.report.options = opts.to_dict()
-    run_passes(state, passes)
+    run_passes(state, passes, PassEffects() if opts.pass_effects else None)
     state.report.model["quantized_bytes"] = state.output.ByteSize()
     state.report.model["size_ratio"] = round(state.output.ByteSize() / max(source.ByteSize(), 1), 4)
     result = CompileResult(state.output, state.report.to_dict())

@@ -9,13 +9,15 @@ activations plus the accumulators, whatever the number of samples. A layer with 
 weighted by rows/sampled so sums stay unbiased.
 
 Any accumulator with ``update(x [G, R, K], y [R, M], weight)`` can be streamed (``capture``);
-``response_stats`` collects the least-squares statistics XᵀX, XᵀY, ‖Y‖² (``kernels/response.py``).
+``response_stats`` collects the least-squares statistics XᵀX, XᵀY, ‖Y‖² (``kernels/response.py``),
+``LayerRows`` keeps the rows themselves in files, read back memory-mapped (``open_rows``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -26,6 +28,7 @@ from onnxptq.graph import attr, const
 from onnxptq.kernels.im2col import channels_last_rows, conv_pads, im2col
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.passes.calibration import with_outputs
+from onnxptq.training.protocol import RowSpec, open_rows
 from onnxptq.passes.layer_moments import outputs_named
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
@@ -79,6 +82,38 @@ class LayerIO:
         return x_rows, y_rows, total / (len(pick) if pick is not None else total)
 
 
+class RowFile:
+    """Rows of a fixed shape appended to a raw float32 file, read back memory-mapped."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.path, self.shape, self.count = path, shape, 0
+        self.file = open(path, "wb")
+
+    def append(self, rows: np.ndarray) -> None:
+        np.ascontiguousarray(rows, np.float32).tofile(self.file)
+        self.count += len(rows)
+
+    def close(self) -> tuple[str, tuple[int, ...]]:
+        """(path, shape) of the finished file: what ``open_rows`` maps."""
+        self.file.close()
+        return str(self.path), (self.count, *self.shape)
+
+
+class LayerRows:
+    """Accumulator for ``capture``: a layer's X rows as [R, G, K] and Y rows [R, M] on disk (either
+    may be skipped: sequential mode takes Y from the fp32 capture and X from the quantized one)."""
+
+    def __init__(self, stem: Path, io: LayerIO, x: bool, y: bool):
+        self.x = RowFile(stem.with_suffix(".x"), (io.groups, io.k)) if x else None
+        self.y = RowFile(stem.with_suffix(".y"), (io.channels,)) if y else None
+
+    def update(self, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
+        if self.x is not None:
+            self.x.append(x.transpose(1, 0, 2))
+        if self.y is not None:
+            self.y.append(y)
+
+
 def channel_axis(layer: LayerPlan) -> int:
     """Axis of the output channels in the layer's weight: the grid axis, except for blocked grids,
     whose axis is the reduction axis K of a 2-D weight."""
@@ -105,11 +140,13 @@ def layer_io(node: ir.Node, layer: LayerPlan) -> LayerIO:
 
 def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerIO], A],
             max_rows: int = 4096, description: str = "capture", source: ir.Model | None = None,
-            level: str = "basic", inputs_from: dict[str, str] | None = None) -> dict[str, A]:
+            level: str = "basic", inputs_from: dict[str, str] | None = None,
+            observe: tuple[list[str], Callable[[int, list[np.ndarray]], None]] | None = None) -> dict[str, A]:
     """Run the fused fp32 model (or ``source``, a model with the same tensor names, such as the QDQ
     model of the plan, at optimization ``level``) over the calibration batches and stream every
     layer's (X, Y) rows into its accumulator ``make(io)``; returns node name → accumulator.
     ``inputs_from`` maps a layer input's name to the tensor of ``source`` to read X from instead.
+    ``observe`` = (names, f): f(b, tensors) gets the named tensors of every batch b from the same run.
 
     The rows sampled from batch b of layer l depend only on (seed, b, l's position in the plan), so
     two captures from different models pick the same rows (inputs from one, targets from the other)."""
@@ -117,8 +154,10 @@ def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerI
     ios = [layer_io(nodes[layer.node], layer) for layer in layers]
     accumulators = {io.node: make(io) for io in ios}
     graph_inputs = {v.name for v in state.model.graph.inputs}
+    finals, observer = observe if observe is not None else ([], None)
     read = {io.input: (inputs_from or {}).get(io.input, io.input) for io in ios}
-    names = list(dict.fromkeys(n for io in ios for n in (read[io.input], io.output) if n not in graph_inputs))
+    names = list(dict.fromkeys([*(n for io in ios for n in (read[io.input], io.output) if n not in graph_inputs),
+                                *finals]))
     model = with_outputs(state.model, names) if source is None else outputs_named(source, names)
     sess = runtime.session(model, threads=state.options.threads, level=level)
     order = {name: i for i, name in enumerate(state.plan.layers)}
@@ -126,6 +165,8 @@ def capture(state: CompileState, layers: list[LayerPlan], make: Callable[[LayerI
     batches = state.calib.batches(batch)
     for b, feed in enumerate(state.progress.track(batches, description, -(-len(state.calib) // batch))):
         tensors = {**feed, **dict(zip(names, sess.run(names, feed)))}
+        if observer is not None:
+            observer(b, [tensors[name] for name in finals])
         for io in ios:
             rng = np.random.default_rng([state.options.seed, b, order[io.node]])
             accumulators[io.node].update(*io.rows(tensors[read[io.input]], tensors[io.output], rng, max_rows))

@@ -87,8 +87,9 @@ def cli() -> None:
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
 @click.option("--weight-method", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True,
               help="How per-channel weight scales are chosen.")
-@click.option("--weight-solver", type=click.Choice(["rtn", "bitsplit"]), default="rtn", show_default=True,
-              help="rtn: round to nearest; bitsplit: fit 2–4-bit weights to each layer's response (BitSplit).")
+@click.option("--weight-solver", type=click.Choice(["rtn", "bitsplit", "bitsplit-parallel"]), default="rtn",
+              show_default=True, help="rtn: round to nearest; bitsplit: fit 2–4-bit weights to each layer's "
+              "response (BitSplit), inputs from the quantized prefix; bitsplit-parallel: inputs from the fp32 model.")
 @click.option("--pipeline", default="light", show_default=True,
               help="Correction passes between the weight grids and emission: light (= bn-reestimate:layers=hidden,"
               "bias-correction), advanced (adaquant, then light), or a spec of comma-separated passes, each with "
@@ -131,11 +132,14 @@ def cli() -> None:
               help="Mixed precision: each layer's choices, wNaM (weight/activation bits) or float.")
 @click.option("--sweep", type=click.Path(file_okay=False), default=None, help="Mixed precision: also solve a range "
               "of budgets of the same kind and write the Pareto curve (pareto.md, pareto.png) to this folder.")
+@click.option("--pass-effects/--no-pass-effects", default=True, show_default=True,
+              help="Measure agreement with fp32 on the held-back samples after every pass that changes the model "
+              "(one emission and one run of those samples per pass).")
 @with_image_flags
 def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
                 exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
-                pipeline, size_ratio, bops_ratio, latency_ratio, latency_table, max_drop, candidates, sweep, image_size, resize, mean, std,
-                layout, scale) -> None:
+                pipeline, size_ratio, bops_ratio, latency_ratio, latency_table, max_drop, candidates, sweep,
+                pass_effects, image_size, resize, mean, std, layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
     import onnxptq
     from onnxptq.model_io import check_output_path
@@ -154,7 +158,7 @@ def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_met
         weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
         holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit,
         size_ratio=size_ratio, bops_ratio=bops_ratio, latency_ratio=latency_ratio, latency_table=latency_table,
-        max_drop=max_drop, candidates=candidates, sweep=sweep)
+        max_drop=max_drop, candidates=candidates, sweep=sweep, pass_effects=pass_effects)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -25,7 +26,7 @@ class CompileOptions:
     calib_method: str = "mse"
     percentile: float = 99.999
     weight_method: str = "mse"
-    weight_solver: str = "rtn"  # rtn (round-to-nearest) or bitsplit (passes/bitsplit.py)
+    weight_solver: str = "rtn"  # rtn (round-to-nearest), bitsplit or bitsplit-parallel (passes/bitsplit.py)
     exclude: str | None = None
     target: str = "ort-cpu"
     seed: int = 0
@@ -43,6 +44,7 @@ class CompileOptions:
     latency_table: str | None = None  # JSON file of per-layer latencies (onnxptq/latency_table.py)
     candidates: str = "w8a8,w4a8,w3a8,w2a8,float"
     sweep: str | None = None  # a folder: also solve a range of budgets, write pareto.md and pareto.png there
+    pass_effects: bool = True  # agreement with fp32 after every pass that changed the model (onnxptq/effects.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +81,7 @@ class Report:
     verification: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     mixed: dict[str, Any] = field(default_factory=dict)
+    effects: list[dict[str, Any]] = field(default_factory=list)
 
     def note(self, pass_name: str, text: str) -> None:
         for entry in self.passes:
@@ -90,7 +93,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "options": self.options, "passes": self.passes,
                 "layers": self.layers, "verification": self.verification, "warnings": self.warnings,
-                **({"mixed": self.mixed} if self.mixed else {})}
+                **({"mixed": self.mixed} if self.mixed else {}), **({"effects": self.effects} if self.effects else {})}
 
 
 @dataclass
@@ -111,10 +114,13 @@ class CompileState:
     progress: Progress = field(default_factory=Progress)
     output: onnx.ModelProto | None = None
     fused: onnx.ModelProto | None = None
+    reference: list[np.ndarray] | None = None  # the fp32 model's outputs on the verification samples
 
 
-def run_passes(state: CompileState, passes: Iterable[Any]) -> None:
-    """Run ``passes`` in order on ``state``, timing each into the report."""
+def run_passes(state: CompileState, passes: Iterable[Any],
+               after: Callable[[CompileState, str], None] | None = None) -> None:
+    """Run ``passes`` in order on ``state``, timing each into the report; ``after(state, name)`` is
+    called after each pass, outside its timing."""
     for p in passes:
         start = time.perf_counter()
         p.run(state)
@@ -125,3 +131,5 @@ def run_passes(state: CompileState, passes: Iterable[Any]) -> None:
                 break
         else:
             state.report.passes.append({"name": p.name, "seconds": seconds})
+        if after is not None:
+            after(state, p.name)

@@ -25,6 +25,25 @@ def outputs_table(title: str, outputs: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+EFFECT_METRICS = ("top1_agreement", "sqnr_db", "cosine", "exact")
+
+
+def effects_table(effects: list[dict[str, Any]]) -> Table:
+    """Agreement with fp32 after each pass that changed the model (``onnxptq/effects.py``): one row per
+    pass, one column per output and metric (max |error| left out), and the measurement's seconds."""
+    columns = list(dict.fromkeys((name, k) for e in effects for name, m in e["outputs"].items()
+                                 for k in EFFECT_METRICS if k in m))
+    several = len({name for name, _ in columns}) > 1
+    table = Table(title="Agreement with fp32 after each pass", title_justify="left")
+    table.add_column("after")
+    for name, k in columns:
+        table.add_column(f"{name} {k}" if several else k, justify="right")
+    table.add_column("s", justify="right")
+    for e in effects:
+        table.add_row(e["after"], *(_fmt(e["outputs"][name].get(k, "")) for name, k in columns), f"{e['seconds']:.1f}")
+    return table
+
+
 def print_compile(console: Console, report: dict[str, Any], output: str | None) -> None:
     model, ver = report["model"], report["verification"]
     ops = {}
@@ -41,6 +60,8 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
         print_mixed(console, report["mixed"])
     console.print(outputs_table(f"Agreement with fp32 on {ver['samples']} "
                                 f"{'held-back' if ver['held_back'] else 'calibration'} samples", ver["outputs"]))
+    if report.get("effects"):
+        console.print(effects_table(report["effects"]))
     passes = ", ".join(f"{p['name']} {p.get('seconds', 0):.1f}s" for p in report["passes"])
     if ver["coverage"] is None:
         console.print(f"fusion coverage not applicable for target {model.get('target')} (plain QDQ)")

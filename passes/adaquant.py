@@ -54,13 +54,14 @@ from typing import ClassVar
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from onnxptq.capture import LayerIO, capture, channel_axis, layer_io
+from onnxptq.capture import LayerIO, LayerRows, capture, channel_axis, layer_io
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, consumers
 from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit, full_loss
 from onnxptq.kernels.quant import channel_rows, from_channel_rows, quantize
 from onnxptq.kernels.saturation import PAIR_LIMIT
 from onnxptq.passes.bias_correction import give_bias
+from onnxptq.passes.checked import write_if_better
 from onnxptq.passes.emission import emit_model, quantized_from
 from onnxptq.passes.layer_moments import integer_level, level_groups
 from onnxptq.passes.select import BOUNDED
@@ -75,38 +76,6 @@ from onnxptq.training.protocol import RowSpec, open_rows, row_reader
 MODES = ("parallel", "sequential")
 ENGINES = ("numpy", "ort-training")
 MIN_ROWS_PER_INPUT = 2  # as BitSplit: below this many rows per weight the response does not pin the weights
-
-
-class RowFile:
-    """Rows of a fixed shape appended to a raw float32 file, read back memory-mapped."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...]):
-        self.path, self.shape, self.count = path, shape, 0
-        self.file = open(path, "wb")
-
-    def append(self, rows: np.ndarray) -> None:
-        np.ascontiguousarray(rows, np.float32).tofile(self.file)
-        self.count += len(rows)
-
-    def close(self) -> tuple[str, tuple[int, ...]]:
-        """(path, shape) of the finished file: what ``open_rows`` maps."""
-        self.file.close()
-        return str(self.path), (self.count, *self.shape)
-
-
-class LayerRows:
-    """Accumulator for ``capture``: a layer's X rows as [R, G, K] and Y rows [R, M] on disk (either
-    may be skipped: sequential mode takes Y from the fp32 capture and X from the quantized one)."""
-
-    def __init__(self, stem: Path, io: LayerIO, x: bool, y: bool):
-        self.x = RowFile(stem.with_suffix(".x"), (io.groups, io.k)) if x else None
-        self.y = RowFile(stem.with_suffix(".y"), (io.channels,)) if y else None
-
-    def update(self, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
-        if self.x is not None:
-            self.x.append(x.transpose(1, 0, 2))
-        if self.y is not None:
-            self.y.append(y)
 
 
 def fit_files(problem: LayerProblem, x_spec: RowSpec, y_spec: RowSpec, settings: Settings,
@@ -290,22 +259,16 @@ def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndar
 
 def write_checked(state: CompileState, layer: LayerPlan, io: LayerIO, problem: LayerProblem, result: Fit,
                   x_spec: RowSpec, y_spec: RowSpec) -> Fit:
-    """``write_back``, then the loss of the layer as written, on the same rows: the safe-scale floors
-    applied there can undo part of a fit (on AVX2, raising an 8-bit channel's step to keep its pairs
-    safe re-rounds the fitted weights; EfficientNet-Lite0's stem at 8 bits ended at 3× round-to-nearest's
-    loss). Where the written layer is not better than round-to-nearest, round-to-nearest is put back.
-    Returns the fit with the loss of what the plan now holds."""
-    root = state.plan.root(layer.input_name) if layer.activation_input else None
-    saved = (layer.weight, layer.bias, layer.grid.scale, None if root is None else (root.lo, root.hi))
-    write_back(state, layer, problem, result)
-    written = layer_problem(state, layer, io, open_rows(y_spec))
-    loss = full_loss(written, written.initial(), row_reader(x_spec, y_spec), y_spec[1][0])
-    if loss < result.loss_rtn:
-        return dataclasses.replace(result, loss=loss)
-    layer.weight, layer.bias, layer.grid.scale, bounds = saved
-    if root is not None:
-        root.lo, root.hi = bounds
-    return dataclasses.replace(result, loss=result.loss_rtn)
+    """``write_back`` through ``write_if_better`` (``passes/checked.py``), with the loss of the layer
+    as written on the same rows; returns the fit with the loss of what the plan now holds."""
+
+    def written_loss() -> float:
+        written = layer_problem(state, layer, io, open_rows(y_spec))
+        return full_loss(written, written.initial(), row_reader(x_spec, y_spec), y_spec[1][0])
+
+    checked = write_if_better(state, layer, lambda: write_back(state, layer, problem, result), written_loss,
+                              result.loss_rtn)
+    return dataclasses.replace(result, loss=checked.loss)
 
 
 def write_back(state: CompileState, layer: LayerPlan, problem: LayerProblem, result: Fit) -> None:

@@ -100,10 +100,22 @@ class Probe:
 
     def distance(self, layers: dict[str, tuple[np.ndarray, bool]]) -> float:
         """Σ over outputs of the distance to fp32 (module doc) with ``layers`` changed as in ``run``."""
-        total = 0.0
-        for ref, test, normalized in zip(self.reference.outputs, self.run(layers), self.reference.normalized):
-            total += 1.0 - cosine(ref, test) if normalized is None else mean_kl(ref, test, normalized)
-        return total
+        return output_distance(self.reference.outputs, self.run(layers), self.reference.normalized)
+
+
+def output_distance(refs: list[np.ndarray], tests: list[np.ndarray], normalized: list[bool | None]) -> float:
+    """Σ over outputs of the distance of ``tests`` to the fp32 ``refs``: mean KL(p_fp32 ‖ p) for class
+    scores (``normalized``: True probabilities, False logits), else 1 − cosine averaged over samples."""
+    return sum(1.0 - cosine(ref, test) if kind is None else mean_kl(ref, test, kind)
+               for ref, test, kind in zip(refs, tests, normalized))
+
+
+def float_outputs(model: ir.Model) -> tuple[list[str], list[bool | None]]:
+    """The names of ``model``'s float outputs and what each holds: True probabilities (Softmax), False
+    logits (Gemm/MatMul), None not class scores."""
+    values = [v for v in model.graph.outputs if v.dtype == ir.DataType.FLOAT]
+    return [v.name for v in values], [None if v.producer() is None else CLASS_SCORES.get(v.producer().op_type)
+                                      for v in values]
 
 
 @dataclass
@@ -121,9 +133,7 @@ class Reference:
 
 def reference(model: ir.Model, plan: QuantPlan, data: CalibrationSet, threads: int = 0) -> Reference:
     """Run the fused fp32 ``model`` on ``data`` (one batch where the batch axis is free)."""
-    values = [v for v in model.graph.outputs if v.dtype == ir.DataType.FLOAT]
-    names = [v.name for v in values]
-    normalized = [None if v.producer() is None else CLASS_SCORES.get(v.producer().op_type) for v in values]
+    names, normalized = float_outputs(model)
     nodes = {n.name: n for n in model.graph}
     layer_outputs = [nodes[name].outputs[0].name for name in plan.layers]
     session = runtime.session(with_outputs(model, layer_outputs), threads=threads, level="basic")

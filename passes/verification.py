@@ -25,7 +25,7 @@ import onnx
 
 from onnxptq import runtime
 from onnxptq.costs import layer_encoding, layer_storage_bytes
-from onnxptq.metrics import compare_outputs
+from onnxptq.effects import agreement, verification_data
 from onnxptq.simulate import check_layers
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
@@ -87,22 +87,18 @@ class VerificationPass:
         else:
             cov = {"coverage": None, "integer": None, "planned": len(state.plan.ops), "float_leftovers": [],
                    "kernels": {}}
-        data = state.holdout if state.holdout is not None else state.calib
-        names = [o.name for o in state.source.graph.output]
-        feeds = list(data.batches(state.options.batch_size))
-        ref = runtime.run_all(runtime.session(state.source, threads=threads), feeds)
-        test = runtime.run_all(runtime.session(out, threads=threads, level="all" if fused else "basic"), feeds)
+        data = verification_data(state)
         state.report.verification = {
             "coverage": cov["coverage"], "integer_ops": cov["integer"], "planned_ops": cov["planned"],
             "float_leftovers": cov["float_leftovers"],
             "samples": len(data), "held_back": state.holdout is not None,
-            "outputs": compare_outputs(names, ref, test),
+            "outputs": agreement(state, out),
         }
         convs = [n for n, layer in state.plan.layers.items() if layer.op_type == "Conv"]
         dense = [n for n, layer in state.plan.layers.items() if layer.op_type != "Conv" and layer.activation_input]
         adds = [n for n, op in state.plan.ops.items() if op == "Add"]
         if fused and (convs or dense or adds):
-            one = {k: v[:1] for k, v in feeds[0].items()}
+            one = {k: v[:1] for k, v in next(iter(data.batches(1))).items()}
             state.report.verification["integer_simulation"] = check_layers(
                 out, _spread(convs) + _spread(dense) + _spread(adds), one)
         for name, layer in state.plan.layers.items():

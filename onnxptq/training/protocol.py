@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 TUPLES = ("w_range", "x_range", "bound", "kernel")
-RowSpec = tuple[str, tuple[int, ...]]  # (path, shape) of a finished row file (passes/adaquant.py's RowFile)
+RowSpec = tuple[str, tuple[int, ...]]  # (path, shape) of a finished row file (onnxptq/capture.py's RowFile)
 
 
 def open_rows(spec: RowSpec) -> np.ndarray:
