@@ -156,7 +156,7 @@ CONFIGS = {
 # The table the README shows (``make bench``); every other config runs by name with --configs.
 TABLE = ("onnxptq W8A8", "onnxptq W8A8 no corrections", "onnxptq W4A8", "onnxptq W4A8 advanced", "onnxptq W4A4",
          "onnxptq W4A4 advanced", "onnxptq W4A8 size", "onnxptq mixed size 0.16", "ORT quantize_static MinMax",
-         "ORT quantize_static MinMax preprocessed")
+         "ORT quantize_static Entropy", "ORT quantize_static MinMax preprocessed")
 
 
 def _child(fn, args, queue) -> None:
