@@ -241,13 +241,17 @@ def _absorbed(value: ir.Value, act: ActivationPlan) -> ir.Value | None:
     return pre if len(pre.uses()) == 1 and not pre.is_graph_output() else None
 
 
+def _capped(plan: QuantPlan, act: ActivationPlan) -> bool:
+    """Whether ``act`` is written as a capped uint8 pair (a grid of fewer than 256 codes, not tied to
+    another grid, not a plain uint4 tensor)."""
+    return plan.root(act.name).qmax < 255 and act.tied_to is None and not _narrow(plan, act)
+
+
 def _capped_source(plan: QuantPlan, value: ir.Value) -> ir.Value | None:
     """The tensor the capped Q of ``value`` reads instead of ``value`` (an absorbed Relu/Clip's
     input), for an activation emitted as a capped pair; else None."""
     act = plan.activations[value.name]
-    if plan.root(value.name).qmax < 255 and act.tied_to is None and not _narrow(plan, act):
-        return _absorbed(value, act)
-    return None
+    return _absorbed(value, act) if _capped(plan, act) else None
 
 
 def quantized_from(fp32: ir.Model, plan: QuantPlan) -> dict[str, str]:
@@ -303,7 +307,7 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
             for use in list(init.uses()):
                 if use.node.name in plan.ops:
                     use.node.replace_input_with(use.idx, dq)
-        elif root.qmax < 255 and act.tied_to is None and dtype is np.uint8:
+        elif _capped(plan, act):
             value = values[name]
             writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_capped_source(plan, value))
         else:
