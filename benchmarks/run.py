@@ -180,16 +180,9 @@ def compile_in_child(fn, args) -> dict:
     return result
 
 
-def session(path: str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
 def run_example(name: str, configs: list[str], workdir: Path, runs: int, reports: Path) -> list[dict]:
     """The rows of example ``name``; each onnxptq compile's JSON report is written into ``reports``."""
+    from onnxptq import runtime
     from onnxptq.latency import interleaved_latency
 
     ex = importlib.import_module(f"examples.{name}.example")
@@ -213,7 +206,7 @@ def run_example(name: str, configs: list[str], workdir: Path, runs: int, reports
     sessions = {}
     for key, path in list(paths.items()):
         try:
-            sessions[key] = session(path)
+            sessions[key] = runtime.session(path, threads=1)
         except Exception as exc:  # onnxruntime rejects the model: reported in the table, the run goes on
             rows[key]["error"] = f"onnxruntime cannot load it: {str(exc).splitlines()[0][-160:]}"
             del paths[key]
