@@ -28,7 +28,6 @@ from onnxptq.graph import attr, const
 from onnxptq.kernels.im2col import channels_last_rows, conv_pads, im2col
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.passes.calibration import with_outputs
-from onnxptq.training.protocol import RowSpec, open_rows
 from onnxptq.passes.layer_moments import outputs_named
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
@@ -114,17 +113,11 @@ class LayerRows:
             self.y.append(y)
 
 
-def channel_axis(layer: LayerPlan) -> int:
-    """Axis of the output channels in the layer's weight: the grid axis, except for blocked grids,
-    whose axis is the reduction axis K of a 2-D weight."""
-    return 1 - layer.grid.axis if layer.grid.block_size else layer.grid.axis
-
-
 def layer_io(node: ir.Node, layer: LayerPlan) -> LayerIO:
     """The ``LayerIO`` of ``layer`` read from its fp32 graph ``node``."""
     bias_v = node.inputs[2] if len(node.inputs) > 2 else None
     bias = None if bias_v is None else const(bias_v).astype(np.float32)
-    channels = layer.weight.shape[channel_axis(layer)]
+    channels = layer.channels
     k = layer.weight.size // channels
     common = dict(node=node.name, input=node.inputs[0].name, output=node.outputs[0].name, k=k,
                   channels=channels, bias=bias)

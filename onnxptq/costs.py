@@ -36,7 +36,6 @@ import onnx
 import onnx_ir as ir
 
 from onnxptq import runtime
-from onnxptq.capture import channel_axis
 from onnxptq.kernels.quant import block_rows, channel_rows, row_scales
 from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
@@ -84,7 +83,7 @@ def layer_encoding(layer: LayerPlan, goal: str) -> str:
 def layer_storage_bytes(layer: LayerPlan, goal: str, encoding: str | None = None) -> int:
     """``storage_bytes`` of ``layer`` as planned (or in ``encoding``)."""
     return storage_bytes(encoding or layer_encoding(layer, goal), layer.weight.shape,
-                         layer.weight.shape[channel_axis(layer)], layer.bias is not None,
+                         layer.channels, layer.bias is not None,
                          layer.grid.block_size or 32)
 
 
@@ -96,7 +95,7 @@ def encodings_for(op_type: str) -> tuple[str, ...]:
 def _grid(state: CompileState, layer: LayerPlan, encoding: str, k_axis: int) -> WeightGrid:
     """A min-max weight grid of ``layer`` in ``encoding`` (the values do not change the timing), with
     the weights pass's floor that keeps the int32 bias representable."""
-    axis = channel_axis(layer)
+    axis = layer.weight_channel_axis
     if encoding == "int4-blocks":
         w_kn = layer.weight if k_axis == 0 else layer.weight.T
         scale = row_scales(block_rows(w_kn, 32), 7, "minmax").reshape(-1, w_kn.shape[1])

@@ -71,8 +71,15 @@ class LayerPlan:
     activation_input: bool = True
 
     @property
+    def weight_channel_axis(self) -> int:
+        """Axis of the output channels in the weight: the grid axis, except for blocked grids, whose
+        axis is the reduction axis K of a 2-D weight."""
+        return 1 - self.grid.axis if self.grid.block_size else self.grid.axis
+
+    @property
     def channels(self) -> int:
-        return self.weight.shape[self.grid.axis]
+        """Number of output channels."""
+        return self.weight.shape[self.weight_channel_axis]
 
     def dequantized(self) -> np.ndarray:
         """ŵ = q·s, the float weight emission's codes stand for, in the weight's own layout."""

@@ -54,7 +54,7 @@ from typing import ClassVar
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from onnxptq.capture import LayerIO, LayerRows, capture, channel_axis, layer_io
+from onnxptq.capture import LayerIO, LayerRows, capture, layer_io
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, consumers
 from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit, full_loss
@@ -236,7 +236,7 @@ def _input_step_cap(state: CompileState, layer: LayerPlan, zero: int) -> float:
 def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndarray) -> LayerProblem:
     """The fit of ``layer`` starting from its current grid, with targets ``y`` [R, M] (pre-bias)."""
     grid = layer.grid
-    w = channel_rows(layer.weight, channel_axis(layer)).astype(np.float32)
+    w = channel_rows(layer.weight, layer.weight_channel_axis).astype(np.float32)
     step = (grid.scale.T if grid.block_size else grid.scale[:, None]).astype(np.float32)
     channels = w.shape[0]
     zeros = np.zeros(channels, np.float32)
@@ -275,7 +275,7 @@ def write_back(state: CompileState, layer: LayerPlan, problem: LayerProblem, res
     """Write the fit into the plan: input grid, w = q·s_w with safe scales, grid scale, bias."""
     w, s_w, b, s_x = problem.solution(result.theta)
     grid = layer.grid
-    axis = channel_axis(layer)
+    axis = layer.weight_channel_axis
     if problem.learning()["x_scale"]:
         root = state.plan.root(layer.input_name)
         s = float(np.float32(s_x))

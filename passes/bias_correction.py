@@ -21,7 +21,7 @@ import numpy as np
 
 from onnxptq.graph import attr, set_const
 from onnxptq.kernels.moments import ChannelMoments
-from onnxptq.passes.layer_moments import fp32_moments, in_depth_order, output_channels
+from onnxptq.passes.layer_moments import fp32_moments, in_depth_order
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
 
@@ -33,7 +33,7 @@ def give_bias(state: CompileState, layer: LayerPlan) -> bool:
     node = next(n for n in state.model.graph if n.name == layer.node)
     if layer.op_type not in ("Conv", "Gemm") or attr(node, "beta", 1.0) != 1.0:
         return False
-    zeros = np.zeros(output_channels(layer), np.float32)
+    zeros = np.zeros(layer.channels, np.float32)
     value = set_const(state.model.graph, node, 2, zeros, f"{layer.node}_bias")
     layer.bias_name, layer.bias = value.name, zeros.copy()
     return True

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxptq.capture import LayerIO, LayerRows, capture, channel_axis, open_rows, response_stats
+from onnxptq.capture import LayerIO, LayerRows, capture, response_stats
 from onnxptq.errors import InputError
 from onnxptq.kernels.bitsplit import BitSplitResult, solve
 from onnxptq.kernels.quant import channel_rows, fake_quantize, from_channel_rows
@@ -55,6 +55,7 @@ from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
+from onnxptq.training.protocol import open_rows
 
 SOLVERS = ("rtn", "bitsplit", "bitsplit-parallel")  # bitsplit: sequential mode
 BITS = (2, 3, 4)
@@ -111,7 +112,7 @@ class BitSplitPass:
         round-to-nearest check (``written_loss``), return its report row."""
         start = time.perf_counter()
         grid = layer.grid
-        axis = channel_axis(layer)
+        axis = layer.weight_channel_axis
         w = channel_rows(layer.weight, axis)
         objective, fit = _objective(layer, stats, w)
         scale0 = grid.scale.T if grid.block_size else grid.scale
@@ -243,7 +244,7 @@ def written_loss(layer: LayerPlan, stats: ResponseStats, with_bias: bool) -> Cal
     with ŵ the weights emission writes (codes times grid scale) and β the layer's bias change since
     this call (``with_bias``; the pass runs on the fp32 biases the statistics' targets subtract)."""
     reference = layer.bias if with_bias else None
-    axis = channel_axis(layer)
+    axis = layer.weight_channel_axis
 
     def loss() -> float:
         shift = None if reference is None else layer.bias.astype(np.float64) - reference

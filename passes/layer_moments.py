@@ -38,14 +38,9 @@ from onnxptq.state import CompileState
 from onnxptq.target import host_has_int32_dot, resolve_target
 
 
-def channel_axis(layer: LayerPlan) -> int:
+def output_channel_axis(layer: LayerPlan) -> int:
     """Axis of the output channels in the layer's output: 1 for Conv (N, C, …), last for Gemm/MatMul."""
     return 1 if layer.op_type == "Conv" else -1
-
-
-def output_channels(layer: LayerPlan) -> int:
-    """Number of output channels; a blocked grid's ``axis`` is the reduction axis K of a 2-D weight."""
-    return layer.weight.shape[layer.grid.axis if layer.grid.block_size is None else 1 - layer.grid.axis]
 
 
 def _outputs_of(model: ir.Model, nodes: list[str]) -> onnx.ModelProto:
@@ -79,7 +74,7 @@ def _moments(state: CompileState, model: ir.Model, layers: list[str], level: str
     proto = _outputs_of(model, layers)
     names = [o.name for o in proto.graph.output]
     sess = runtime.session(proto, threads=state.options.threads, level=level)
-    moments = {name: ChannelMoments(channel_axis(state.plan.layers[name])) for name in layers}
+    moments = {name: ChannelMoments(output_channel_axis(state.plan.layers[name])) for name in layers}
     for feed in state.calib.batches(state.options.batch_size):
         for name, y in zip(layers, sess.run(names, feed)):
             moments[name].update(y)

@@ -38,7 +38,6 @@ from onnxptq.data import CalibrationSet
 from onnxptq.graph import add_initializer
 from onnxptq.metrics import cosine, mean_kl
 from onnxptq.passes.calibration import with_outputs
-from onnxptq.passes.layer_moments import output_channels
 from onnxptq.plan import LayerPlan, QuantPlan
 
 SAMPLES = 16  # calibration samples ΔL is measured on (the first ones; all if fewer): ≈ 1 s per
@@ -140,7 +139,7 @@ def reference(model: ir.Model, plan: QuantPlan, data: CalibrationSet, threads: i
     feeds = list(data.batches(max(len(data), 1)))
     one = next(data.batches(1))
     first = dict(zip(layer_outputs, session.run(layer_outputs, one)))
-    macs = {name: int(layer.weight.size * (first[out].size // output_channels(layer)))
+    macs = {name: int(layer.weight.size * (first[out].size // layer.channels))
             for (name, layer), out in zip(plan.layers.items(), layer_outputs)}
     chunks = [session.run(names, feed) for feed in feeds]
     outputs = [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
