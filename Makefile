@@ -1,4 +1,4 @@
-# Both targets create .venv on first use and install everything into it.
+# Every target creates .venv on first use and installs everything into it; test also creates .venv-training.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,8 +25,9 @@ $(TRAINING_VENV)/.installed:
 demo: $(VENV)/.installed  ## compile the bundled EfficientNet-Lite0 example and print its rows
 	$(PY) -m examples.demo
 
-test: $(VENV)/.installed  ## the default suite (unit tests + a representative real-model test)
+test: $(VENV)/.installed $(TRAINING_VENV)/.installed  ## the default suite (unit tests + a representative real-model test), then the training engine's tests
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m training
 
 test-training: $(VENV)/.installed $(TRAINING_VENV)/.installed  ## AdaQuant's engine-agreement tests (onnxruntime-training)
 	$(PY) -m pytest -q -m training
