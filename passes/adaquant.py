@@ -57,7 +57,7 @@ from threadpoolctl import threadpool_limits
 from onnxptq.capture import LayerIO, LayerRows, capture, layer_io
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, consumers
-from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit, full_loss
+from onnxptq.kernels.adaquant import LEARNING_RATES, Fit, LayerProblem, Settings, fit, full_loss, held_rows
 from onnxptq.kernels.quant import channel_rows, from_channel_rows, quantize
 from onnxptq.kernels.saturation import PAIR_LIMIT
 from onnxptq.passes.bias_correction import give_bias
@@ -96,6 +96,8 @@ class AdaQuantPass:
     ``rows``: rows kept per layer and calibration batch; ``workers``: processes fitting independent
     layers at once; ``lr_*``: Adam learning rates of the weights
     (units of their step), bias (units of the channel's output std), weight and input steps (relative);
+    ``holdout``: the fraction of each layer's rows (from the last calibration batches) never trained on,
+    on which a fit is judged (``Settings``);
     ``engine``: ``numpy`` (hand-derived gradients, ``kernels/adaquant.py``) or ``ort-training``
     (the same objective and parameters trained by onnxruntime-training in its own environment,
     ``onnxptq/training``)."""
@@ -109,6 +111,7 @@ class AdaQuantPass:
     lr_b: float = LEARNING_RATES["bias"]
     lr_sw: float = LEARNING_RATES["w_scale"]
     lr_sx: float = LEARNING_RATES["x_scale"]
+    holdout: float = Settings.holdout
     engine: str = "numpy"
     name: ClassVar[str] = "adaquant"
 
@@ -117,13 +120,15 @@ class AdaQuantPass:
             raise InputError(f"adaquant: mode must be parallel or sequential; got {self.mode!r}")
         if self.iterations < 0 or min(self.batch, self.rows, self.workers) < 1:
             raise InputError("adaquant: iterations must be ≥ 0; batch, rows and workers ≥ 1")
+        if not 0 <= self.holdout < 1:
+            raise InputError(f"adaquant: holdout is a fraction of the rows in [0, 1); got {self.holdout}")
         if self.engine not in ENGINES:
             raise InputError(f"adaquant: engine must be numpy or ort-training; got {self.engine!r}")
         if self.engine == "ort-training":
             ort_engine.training_python()  # a missing environment is refused before any work
 
     def settings(self) -> Settings:
-        return Settings(iterations=self.iterations, batch=self.batch,
+        return Settings(iterations=self.iterations, batch=self.batch, holdout=self.holdout,
                         lr={"v": self.lr_w, "bias": self.lr_b, "w_scale": self.lr_sw, "x_scale": self.lr_sx})
 
     def run(self, state: CompileState) -> None:
@@ -150,7 +155,7 @@ class AdaQuantPass:
                         for layer, p in zip(group, problems)]
                 ops = [LayerOp(layer.op_type, ios[layer.node].kernel) for layer in group]
                 for job, layer, (result, seconds) in zip(jobs, group, self._map(state, jobs, ops)):
-                    result = write_checked(state, layer, ios[layer.node], job[0], result, *job[1:3])
+                    result = write_checked(state, layer, ios[layer.node], job[0], result, *job[1:4])
                     report.append(_report_row(layer, ios[layer.node], job[0], result, seconds))
 
             if parallel:
@@ -258,13 +263,13 @@ def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndar
 
 
 def write_checked(state: CompileState, layer: LayerPlan, io: LayerIO, problem: LayerProblem, result: Fit,
-                  x_spec: RowSpec, y_spec: RowSpec) -> Fit:
+                  x_spec: RowSpec, y_spec: RowSpec, settings: Settings) -> Fit:
     """``write_back`` through ``write_if_better`` (``passes/checked.py``), with the loss of the layer
-    as written on the same rows; returns the fit with the loss of what the plan now holds."""
+    as written on the rows the fit was judged on; returns the fit with the loss of what the plan now holds."""
 
     def written_loss() -> float:
         written = layer_problem(state, layer, io, open_rows(y_spec))
-        return full_loss(written, written.initial(), row_reader(x_spec, y_spec), y_spec[1][0])
+        return full_loss(written, written.initial(), row_reader(x_spec, y_spec), held_rows(y_spec[1][0], settings.holdout))
 
     checked = write_if_better(state, layer, lambda: write_back(state, layer, problem, result), written_loss,
                               result.loss_rtn)

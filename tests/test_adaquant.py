@@ -10,7 +10,7 @@ from onnx import helper
 from onnxptq import pipelines
 from onnxptq.api import PIPELINE
 from onnxptq.capture import capture, layer_io
-from onnxptq.kernels.adaquant import (LayerProblem, Rounding, Settings, fit, full_loss, loss_and_grad, offsets,
+from onnxptq.kernels.adaquant import (LayerProblem, Rounding, Settings, fit, full_loss, held_rows, loss_and_grad, offsets,
                                       ste_quantize)
 from onnxptq.kernels.im2col import channels_last_rows, conv_pads, im2col
 from onnxptq.kernels.quant import broadcast_channel, dequantize, quantize
@@ -173,6 +173,27 @@ def test_frozen_offsets_reproduce_real_rounding(rng):
         np.testing.assert_allclose(real[1][k], frozen[1][k], rtol=1e-9, atol=1e-12)
 
 
+def test_a_fit_is_judged_on_rows_it_never_trained_on(rng):
+    """The same poor 4-bit Gemm as above, but the held-out rows (the last ⅛) have targets that
+    round-to-nearest reproduces exactly: every move that lowers the training rows' loss raises theirs,
+    so the fit must come back as round-to-nearest; with ``holdout=0`` it is judged on the rows it
+    trained on and moves."""
+    x = rng.standard_normal((1, 800, 16)).astype(np.float32)
+    w = (rng.standard_normal((8, 16)) * 0.3).astype(np.float32)
+    p = problem(rng, w, x_step=False)
+    p.w_step = (np.abs(w).max(axis=1, keepdims=True) / 7 * 1.5).astype(np.float32)
+    y = x[0] @ w.T
+    start = p.initial()
+    w_rtn = quantize(w, p.w_step, 0, -7, 7) * p.w_step
+    y[700:] = x[0, 700:] @ w_rtn.T + (p.bias - p.fp32_bias)  # pre-bias targets: fp32 bias is added back
+    rows = lambda i: (x[:, i], y[i])  # noqa: E731
+    judged = fit(p, rows, 800, Settings(iterations=200, holdout=0.125), seed=0)
+    assert judged.loss == judged.loss_rtn == pytest.approx(0.0, abs=1e-10)
+    assert all(np.array_equal(judged.theta[k], start[k]) for k in start)
+    trusting = fit(p, rows, 800, Settings(iterations=200, holdout=0.0), seed=0)
+    assert trusting.loss < 0.9 * trusting.loss_rtn
+
+
 # ---- the pass -------------------------------------------------------------------------------------
 
 def planned_cnn(rng, **options):
@@ -195,7 +216,7 @@ def test_fit_lowers_the_loss_where_round_to_nearest_is_poor(rng):
     rows = lambda i: (x[:, i], y[i])  # noqa: E731
     result = fit(p, rows, 2000, Settings(iterations=300), seed=0)
     assert result.loss < 0.5 * result.loss_rtn, (result.loss, result.loss_rtn)
-    assert result.loss == pytest.approx(full_loss(p, result.theta, rows, 2000))
+    assert result.loss == pytest.approx(full_loss(p, result.theta, rows, held_rows(2000, Settings().holdout)))
 
 
 @pytest.mark.parametrize("w_bits", [4, 8])
