@@ -161,12 +161,21 @@ TABLE = ("onnxptq W8A8", "onnxptq W8A8 no corrections", "onnxptq W4A8", "onnxptq
          "ORT quantize_static Entropy", "ORT quantize_static MinMax preprocessed")
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over fork and
+    exec, so a spawned child reported at least its parent's size (every magika and MiniLM compile showed
+    3489 MB after the PP-OCR rows had grown the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+
+
 def _child(fn, args, queue) -> None:
     start = time.perf_counter()
     try:
         extra = fn(*args) or {}
-        queue.put({"seconds": time.perf_counter() - start,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra})
+        queue.put({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), **extra})
     except Exception as exc:  # reported in the table, the run goes on
         queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
 
