@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -60,6 +61,11 @@ def _compile_ort(fp32: str, calib: dict, out: str, method: str) -> None:
     from onnxruntime.quantization.calibrate import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # quantize_static and quant_pre_process write temporary models (sym_shape_infer_temp.onnx, <uuid>.data)
+    # into the working directory and may leave them there: work in the output's folder (this runs in
+    # its own process, so the directory change does not leak).
+    fp32, out = os.path.abspath(fp32), os.path.abspath(out)
+    os.chdir(os.path.dirname(out))
     method, _, pre = method.partition("+")
     if pre:
         quant_pre_process(fp32, out + ".pre.onnx")
