@@ -25,9 +25,8 @@ $(TRAINING_VENV)/.installed:
 demo: $(VENV)/.installed  ## compile the bundled EfficientNet-Lite0 example and print its rows
 	$(PY) -m examples.demo
 
-test: $(VENV)/.installed $(TRAINING_VENV)/.installed  ## the default suite (unit tests + a representative real-model test), then the training engine's tests
+test: $(VENV)/.installed $(TRAINING_VENV)/.installed  ## the default suite: unit tests, a representative real-model test, the training engine's tests
 	$(PY) -m pytest -q
-	$(PY) -m pytest -q -m training
 
 test-training: $(VENV)/.installed $(TRAINING_VENV)/.installed  ## AdaQuant's engine-agreement tests (onnxruntime-training)
 	$(PY) -m pytest -q -m training
