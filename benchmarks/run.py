@@ -145,6 +145,11 @@ CONFIGS = {
     # 0.186x (EfficientNet-Lite0) and 0.170x (magika) there.
     **{f"onnxptq mixed size {r}": (_compile_onnxptq, {"size_ratio": r, "target": "ort-cpu-size"})
        for r in (0.13, 0.16, 0.17, 0.19)},
+    # The corrections' ablation at a 0.13x size budget (issue 6); "onnxptq mixed size 0.13" is its light row.
+    **{f"onnxptq mixed size 0.13 {label}": (_compile_onnxptq, {"size_ratio": 0.13, "target": "ort-cpu-size",
+                                                                "pipeline": pipeline})
+       for label, pipeline in (("no corrections", "calibration"), ("+bn", "bn-reestimate:layers=hidden"),
+                               ("+bias", "bias-correction"), ("advanced", "advanced"))},
     "onnxptq mixed bops 0.03125": (_compile_onnxptq, {"bops_ratio": 1 / 32}),  # uniform W4A8's BOPs (4·8/32²)
     **{f"onnxptq W4A8 advanced {n} it": (
         _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
