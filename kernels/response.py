@@ -74,6 +74,21 @@ class ResponseStats:
         out.rows = self.rows
         return out
 
+    def ridge(self, w: np.ndarray, strength: float) -> ResponseStats:
+        """The statistics of ‖y_c − X_g ŵ_c‖² + μ_g·‖w_c − ŵ_c‖², μ_g = strength·tr(A_g)/K: the response
+        error plus the weight error of ``w`` [M, K] weighted as if the inputs were white with the
+        calibration inputs' mean energy per entry."""
+        out = ResponseStats(self.groups, self.gram.shape[1], self.xty.shape[0])
+        k = self.gram.shape[1]
+        mu = strength * np.trace(self.gram, axis1=1, axis2=2) / k  # [G]
+        w = np.asarray(w, np.float64)
+        out.gram = self.gram + mu[:, None, None] * np.eye(k)
+        mu_c = mu[self.channel_groups()]
+        out.xty = self.xty + mu_c[:, None] * w
+        out.yy = self.yy + mu_c * np.einsum("ck,ck->c", w, w)
+        out.xsum, out.ysum, out.rows = self.xsum, self.ysum, self.rows
+        return out
+
     def bias_shift(self, w: np.ndarray) -> np.ndarray:
         """β_c = (t_c − s_gᵀw_c)/n: the mean of y_c − X_g w_c, the bias change that removes it."""
         return (self.ysum - np.einsum("ck,ck->c", self.xsum[self.channel_groups()], w)) / max(self.rows, 1.0)
