@@ -64,9 +64,11 @@ def outputs_named(model: ir.Model, names: list[str]) -> onnx.ModelProto:
 
 
 def integer_level(state: CompileState) -> str:
-    """"all" (integer kernels) when this host's kernels give the target's results: the target's
-    weights are int16-pair-safe or the host accumulates u8×s8 in int32; else "basic" (float QDQ)."""
-    exact = resolve_target(state.options.target).int16_pairs or host_has_int32_dot()
+    """"all" (integer kernels) when this host's kernels give the target's results: the target is
+    meant for them (not ``generic-qdq``, whose uint4 activations onnxruntime's optimizer mis-rewrites)
+    and its weights are int16-pair-safe or the host accumulates u8×s8 in int32; else "basic" (float QDQ)."""
+    target = resolve_target(state.options.target)
+    exact = target.fused and (target.int16_pairs or host_has_int32_dot())
     return "all" if exact else "basic"
 
 
