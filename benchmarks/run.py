@@ -106,6 +106,8 @@ CONFIGS = {
     "onnxptq W4A8 size": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size"}),
     # uniform 4-bit at its smallest (first and last layers 4-bit too): the size mixed budgets compare with
     "onnxptq W4A8 size all layers": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size", "first_last_8bit": False}),
+    "onnxptq W4A8 size all layers advanced": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size",
+                                                                 "first_last_8bit": False, "pipeline": "advanced"}),
     "onnxptq W4A4 size": (_compile_onnxptq, {"w_bits": 4, "a_bits": 4, "target": "ort-cpu-size"}),
     "onnxptq W3A8": (_compile_onnxptq, {"w_bits": 3}),
     "onnxptq W3A8 bitsplit": (_compile_onnxptq, {"w_bits": 3, "weight_solver": "bitsplit"}),
