@@ -57,3 +57,21 @@ def test_generic_qdq_is_plain_opset21_qdq(rng, options):
     assert inits["r1_zero_point"].data_type == act
     ref = ReferenceEvaluator(q).run(None, {"x": x[20:]})[0]
     np.testing.assert_allclose(session(q, level="basic").run(None, {"x": x[20:]})[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_corrections_measure_on_integer_kernels_only_where_exact_and_fusable(rng, monkeypatch, vnni):
+    """The corrections run onnxruntime's integer kernels only for targets meant for them and exact on
+    this host; a generic-qdq plan (uint4 activations at --a-bits 4, which onnxruntime's optimizer
+    mis-rewrites) is measured on float QDQ whatever the CPU."""
+    import numpy as np
+
+    import onnxptq.passes.layer_moments as layer_moments
+    from conftest import cnn
+    from onnxptq.api import planned_state
+
+    monkeypatch.setattr(layer_moments, "host_has_int32_dot", lambda: vnni)
+    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    levels = {target: layer_moments.integer_level(planned_state(cnn(rng), {"x": x}, target=target))
+              for target in ("ort-cpu-avx2", "ort-cpu-vnni", "generic-qdq")}
+    assert levels == {"ort-cpu-avx2": "all", "ort-cpu-vnni": "all" if vnni else "basic", "generic-qdq": "basic"}
