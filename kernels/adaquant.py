@@ -12,7 +12,9 @@ the quantized layer and the loss are
     P = x̂_g(c) · ŵ_cᵀ + b_c,           L = mean_{r,c} (a(P) − a(Y + b₀))²
 
 with b₀ the layer's fp32 bias and a the Relu/Clip the layer's output grid absorbs (the identity
-otherwise), so the loss is taken after the activation on both sides. A blocked grid has one step per
+otherwise), so the loss is taken after the activation on both sides; plus, with ``weight_term`` ρ,
+ρ·Σ (ŵ − W)², the drift of the quantized weights from the layer's float weights W (``anchor``;
+∂/∂ŵ = 2ρ(ŵ − W)). A blocked grid has one step per
 (channel, block of K) instead of per channel; a float-input layer (int4 MatMulNBits) has x̂ = X.
 
 Gradients, with E = a(P) − a(Y + b₀) and G = 2E/(R·M) ⊙ 1[lo_a < P < hi_a] (zero where a clips):
@@ -77,6 +79,12 @@ class LayerProblem:
     learn_x_step: bool = False
     x_step_max: float = np.inf
     bound: tuple[float, float] | None = None
+    weight_term: float = 0.0
+    anchor: np.ndarray | None = None
+
+    def anchor_weight(self) -> np.ndarray:
+        """The float weights the weight term measures drift from: ``anchor``, else ``weight``."""
+        return self.weight if self.anchor is None else self.anchor
 
     def initial(self) -> Params:
         """Round-to-nearest: v = 0, ρ = 1, β = 0."""
@@ -167,6 +175,9 @@ def loss_and_grad(problem: LayerProblem, theta: Params, x: np.ndarray, y: np.nda
         pre, target = np.clip(pre, lo, hi), np.clip(target, lo, hi)
     err = pre - target
     loss = float(np.mean(np.square(err, dtype=np.float64)))
+    drift = w_hat - problem.anchor_weight()
+    if problem.weight_term:
+        loss += problem.weight_term * float(np.sum(np.square(drift, dtype=np.float64)))
     if not grad:
         return loss, {}
     g = err * (2.0 / err.size)
@@ -174,6 +185,8 @@ def loss_and_grad(problem: LayerProblem, theta: Params, x: np.ndarray, y: np.nda
         g = g * live
     g_g = _grouped(g, g_count)  # [G, R, M/G]
     d_w_hat = np.matmul(g_g.transpose(0, 2, 1), x_hat).reshape(w_hat.shape)  # [M, K]
+    if problem.weight_term:
+        d_w_hat += (2.0 * problem.weight_term) * drift
     grads = {"v": d_w_hat * w_in * problem.repeat(problem.w_step),
              "w_scale": _block_sum(problem, d_w_hat * w_ds) * problem.w_step,
              "bias": g.sum(axis=0) * problem.bias_unit,

@@ -97,7 +97,11 @@ class AdaQuantPass:
     layers at once; ``lr_*``: Adam learning rates of the weights
     (units of their step), bias (units of the channel's output std), weight and input steps (relative);
     ``holdout``: the fraction of each layer's rows (from the last calibration batches) never trained on,
-    on which a fit is judged (``Settings``);
+    on which a fit is judged (``Settings``); ``weight_term``: λ of the weight term (``layer_problem``),
+    which keeps the quantized weights near the float ones where the calibration inputs barely pin them.
+    Off by default: at λ = 1 (advanced pipeline, a host with VNNI, ``benchmarks.compile_one``) it
+    mended PP-OCR W4A8 (CER 0.062 → 0.030, round to nearest 0.030) but cost EfficientNet-Lite0 W4A8
+    (fp32 top-1 agreement 0.739 → 0.585) and W4A4 (0.519 → 0.427); smaller λ are unmeasured;
     ``engine``: ``numpy`` (hand-derived gradients, ``kernels/adaquant.py``) or ``ort-training``
     (the same objective and parameters trained by onnxruntime-training in its own environment,
     ``onnxptq/training``)."""
@@ -112,6 +116,7 @@ class AdaQuantPass:
     lr_sw: float = LEARNING_RATES["w_scale"]
     lr_sx: float = LEARNING_RATES["x_scale"]
     holdout: float = Settings.holdout
+    weight_term: float = 0.0
     engine: str = "numpy"
     name: ClassVar[str] = "adaquant"
 
@@ -149,7 +154,8 @@ class AdaQuantPass:
             targets = {name: acc.y.close() for name, acc in fp32.items()}
 
             def fit_all(group: list[LayerPlan], inputs: dict[str, LayerRows]) -> None:
-                problems = [layer_problem(state, layer, ios[layer.node], open_rows(targets[layer.node]))
+                problems = [layer_problem(state, layer, ios[layer.node], open_rows(targets[layer.node]),
+                                          input_energy(inputs[layer.node].x.close()) * self.weight_term)
                             for layer in group]
                 jobs = [(p, inputs[layer.node].x.close(), targets[layer.node], settings, seed)
                         for layer, p in zip(group, problems)]
@@ -238,8 +244,18 @@ def _input_step_cap(state: CompileState, layer: LayerPlan, zero: int) -> float:
     return min(caps, default=np.inf)
 
 
-def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndarray) -> LayerProblem:
-    """The fit of ``layer`` starting from its current grid, with targets ``y`` [R, M] (pre-bias)."""
+def input_energy(x_spec: RowSpec, rows: int = 4096) -> float:
+    """Mean square of the cached input patch entries (the first ``rows`` rows): E‖x‖²/K."""
+    x = open_rows(x_spec)
+    return float(np.mean(np.square(x[:rows], dtype=np.float64)))
+
+
+def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndarray,
+                  weight_term: float = 0.0) -> LayerProblem:
+    """The fit of ``layer`` starting from its current grid, with targets ``y`` [R, M] (pre-bias) and
+    ``weight_term`` λ·E‖x‖²/K; spread over the M channels as ρ = that / M, it makes the loss
+    ‖Y − Ŷ‖²/(R·M) + λ·tr(XᵀX)/(K·R·M)·‖W − Ŵ‖², BitSplit's weight term (``kernels.response.ridge``)
+    in AdaQuant's per-element units."""
     grid = layer.grid
     w = channel_rows(layer.weight, layer.weight_channel_axis).astype(np.float32)
     step = (grid.scale.T if grid.block_size else grid.scale[:, None]).astype(np.float32)
@@ -259,7 +275,7 @@ def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndar
         x_range=(0, 2**state.plan.root(layer.input_name).bits - 1) if layer.activation_input else (0, 255),
         learn_x_step=movable_input_step(state, layer),
         x_step_max=_input_step_cap(state, layer, x_zero) if layer.activation_input else np.inf,
-        bound=output_bound(state, layer))
+        bound=output_bound(state, layer), weight_term=weight_term / channels)
 
 
 def write_checked(state: CompileState, layer: LayerPlan, io: LayerIO, problem: LayerProblem, result: Fit,
@@ -268,7 +284,8 @@ def write_checked(state: CompileState, layer: LayerPlan, io: LayerIO, problem: L
     as written on the rows the fit was judged on; returns the fit with the loss of what the plan now holds."""
 
     def written_loss() -> float:
-        written = layer_problem(state, layer, io, open_rows(y_spec))
+        written = dataclasses.replace(layer_problem(state, layer, io, open_rows(y_spec)),
+                                      weight_term=problem.weight_term, anchor=problem.anchor_weight())
         return full_loss(written, written.initial(), row_reader(x_spec, y_spec), held_rows(y_spec[1][0], settings.holdout))
 
     checked = write_if_better(state, layer, lambda: write_back(state, layer, problem, result), written_loss,

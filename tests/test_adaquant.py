@@ -1,6 +1,8 @@
 """AdaQuant: gradients against finite differences, the STE and clip masks, the pass on the synthetic
 CNN and on a real layer, determinism."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -107,6 +109,14 @@ def check_gradients(rng, p, x, y):
 ])
 def test_conv_gradients_match_finite_differences(rng, c, m, groups, k, strides, dilations, pad):
     check_gradients(rng, *conv_problem(rng, c, m, groups, k, strides, dilations, pad))
+
+
+def test_gradients_with_the_weight_term(rng):
+    """ρ·Σ(ŵ − W)² drifting from an anchor W other than the start: its gradient through the STE joins
+    the response's (a depthwise conv with a Relu bound, so every term is live)."""
+    p, x, y = conv_problem(rng, 4, 4, 4, 3, (1, 1), (1, 1), 1, bound=(0.0, np.inf))
+    anchor = p.weight + rng.standard_normal(p.weight.shape) * 0.05
+    check_gradients(rng, dataclasses.replace(p, weight_term=0.3, anchor=anchor), x, y)
 
 
 def test_conv_gradients_after_clip_activation(rng):

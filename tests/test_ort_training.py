@@ -55,6 +55,13 @@ def matrix_case(seed, op_type, block=None, x_step=True, scale=1.0):
     return f32(p), LayerOp(op_type), x, (x[0] @ w.T).astype(np.float32)
 
 
+def weight_term_case(case):
+    """``case`` with AdaQuant's weight term toward anchors off the starting weights."""
+    p, op, x, y = case
+    anchor = (p.weight * 1.05).astype(np.float32)
+    return dataclasses.replace(p, weight_term=0.01, anchor=anchor), op, x, y
+
+
 CASES = {
     "conv-stride2": lambda: conv_case(1, 4, 6, 1, 3, (2, 2), (1, 1), 1),
     "conv-grouped-dilated-clip": lambda: conv_case(2, 4, 6, 2, 3, (1, 1), (2, 2), 2, bound=(0, 6)),
@@ -62,6 +69,7 @@ CASES = {
     "gemm": lambda: matrix_case(4, "Gemm"),
     "gemm-tiny-gradients": lambda: matrix_case(5, "Gemm", scale=1e-4),
     "matmul-blocked-float-input": lambda: matrix_case(6, "MatMul", block=8, x_step=False),
+    "gemm-weight-term": lambda: weight_term_case(matrix_case(7, "Gemm")),
 }
 
 

@@ -178,7 +178,14 @@ def layer_model(problem, op: LayerOp, lr: dict[str, float]) -> tuple[ModelProto,
     if problem.bound is not None:
         pre, target = b.clip(pre, problem.bound), b.clip(target, problem.bound)
     err = b.op("Sub", pre, target)
-    b.nodes.append(helper.make_node("ReduceMean", [b.op("Mul", err, err)], ["loss"], name="loss", keepdims=0))
+    if problem.weight_term:
+        drift = b.op("Sub", w_hat, b.const(problem.anchor_weight()))
+        response = b.op("ReduceMean", b.op("Mul", err, err), keepdims=0)
+        penalty = b.op("Mul", b.const(np.float32(problem.weight_term)),
+                       b.op("ReduceSum", b.op("Mul", drift, drift), keepdims=0))
+        b.nodes.append(helper.make_node("Add", [response, penalty], ["loss"], name="loss"))
+    else:
+        b.nodes.append(helper.make_node("ReduceMean", [b.op("Mul", err, err)], ["loss"], name="loss", keepdims=0))
     graph = helper.make_graph(
         b.nodes, "adaquant_layer",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", groups * k]),
