@@ -19,11 +19,19 @@ import argparse
 import ast
 import importlib
 import json
+import sys
 import time
+from typing import NoReturn
 
 import numpy as np
 
 from benchmarks.run import CALIB_SAMPLES, EXAMPLES, VARIANTS
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 2, as ``onnxptq compile``."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_options(items: list[str]) -> dict:
@@ -32,7 +40,7 @@ def parse_options(items: list[str]) -> dict:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"option {item!r} is not key=value")
+            fail(f"option {item!r} is not key=value (e.g. w_bits=4)")
         try:
             options[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -65,7 +73,7 @@ def main() -> None:
     try:
         result = onnxptq.compile(fp32, calib, args.out, **options)
     except InputError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        fail(str(exc))
     seconds = time.perf_counter() - start
     with open(args.out + ".json", "w") as f:
         json.dump(result.report, f, indent=1, default=float)

@@ -175,8 +175,8 @@ def loss_and_grad(problem: LayerProblem, theta: Params, x: np.ndarray, y: np.nda
         pre, target = np.clip(pre, lo, hi), np.clip(target, lo, hi)
     err = pre - target
     loss = float(np.mean(np.square(err, dtype=np.float64)))
-    drift = w_hat - problem.anchor_weight()
     if problem.weight_term:
+        drift = w_hat - problem.anchor_weight()
         loss += problem.weight_term * float(np.sum(np.square(drift, dtype=np.float64)))
     if not grad:
         return loss, {}

@@ -155,11 +155,12 @@ class AdaQuantPass:
             targets = {name: acc.y.close() for name, acc in fp32.items()}
 
             def fit_all(group: list[LayerPlan], inputs: dict[str, LayerRows]) -> None:
+                x_specs = [inputs[layer.node].x.close() for layer in group]
                 problems = [layer_problem(state, layer, ios[layer.node], open_rows(targets[layer.node]),
-                                          input_energy(inputs[layer.node].x.close()) * self.weight_term)
-                            for layer in group]
-                jobs = [(p, inputs[layer.node].x.close(), targets[layer.node], settings, seed)
-                        for layer, p in zip(group, problems)]
+                                          self.weight_term * input_energy(x_spec) if self.weight_term else 0.0)
+                            for layer, x_spec in zip(group, x_specs)]
+                jobs = [(p, x_spec, targets[layer.node], settings, seed)
+                        for layer, p, x_spec in zip(group, problems, x_specs)]
                 ops = [LayerOp(layer.op_type, ios[layer.node].kernel) for layer in group]
                 for job, layer, (result, seconds) in zip(jobs, group, self._map(state, jobs, ops)):
                     result = write_checked(state, layer, ios[layer.node], job[0], result, *job[1:4])
