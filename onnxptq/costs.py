@@ -41,7 +41,7 @@ from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.weights import WeightGridPass
-from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, WeightGrid
+from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan, WeightGrid
 from onnxptq.state import CompileState
 
 ENCODINGS = ("fp32", "int8", "int8-a4", "int4-cast", "int2-cast", "int4-qdq", "int4-blocks")
@@ -80,8 +80,12 @@ def layer_encoding(layer: LayerPlan, goal: str) -> str:
     return "int8"
 
 
-def layer_storage_bytes(layer: LayerPlan, goal: str, encoding: str | None = None) -> int:
-    """``storage_bytes`` of ``layer`` as planned (or in ``encoding``)."""
+def layer_storage_bytes(layer: LayerPlan | TablePlan, goal: str, encoding: str | None = None) -> int:
+    """``storage_bytes`` of ``layer`` as planned (or in ``encoding``). A lookup table [V, D] counts as a
+    weight of D channels without bias: ``int8``, or ``int4-cast`` at 4 bits (one scale per column)."""
+    if isinstance(layer, TablePlan):
+        shape = layer.table.shape
+        return storage_bytes(encoding or ("int8" if layer.bits == 8 else "int4-cast"), shape, shape[1], False)
     return storage_bytes(encoding or layer_encoding(layer, goal), layer.weight.shape,
                          layer.channels, layer.bias is not None,
                          layer.grid.block_size or 32)

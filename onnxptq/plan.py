@@ -10,7 +10,7 @@ Passes read and refine the plan; only the emission pass turns it into Q/DQ nodes
                     tensor it shares its grid with (ops such as MaxPool or Reshape must keep the grid of
                     their input so onnxruntime can run them on integer codes);
 * ``ops``         — every node planned to run on an integer kernel, for the fusion-coverage check;
-* ``tables``      — constant lookup tables read by Gather (embeddings), stored as int8 codes.
+* ``tables``      — constant lookup tables read by Gather (embeddings), stored as int8 or int4 codes.
 * ``goal``        — how emission encodes tensors below 8 bits (``speed``, ``size`` or ``generic``, the
                     target's goal, see ``onnxptq/target.py``).
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxptq.kernels.quant import affine_params, block_scales, broadcast_channel, fake_quantize
+from onnxptq.kernels.quant import affine_params, block_scales, broadcast_channel, dequantize, fake_quantize, quantize
 
 
 @dataclass
@@ -120,15 +120,30 @@ class ActivationPlan:
 
 @dataclass
 class TablePlan:
-    """A constant float table T [V, D] read by a Gather along axis 0 (an embedding): stored as int8
-    codes with one symmetric scale per column d, gathered as codes and dequantized after the lookup,
-    T̂[v, d] = q[v, d]·s_d. No kernel computes on it, so it only shrinks the file and memory."""
+    """A constant float table T [V, D] read by a Gather along axis 0 (an embedding): stored as signed
+    ``bits``-bit codes (8, or 4 packed two per byte) with one symmetric scale per column d, gathered as
+    codes and dequantized after the lookup, T̂[v, d] = q[v, d]·s_d, |q| ≤ 2^(bits−1) − 1. No kernel
+    computes on it, so it only shrinks the file and memory."""
 
     node: str
     name: str
     table: np.ndarray
     scale: np.ndarray
-    qmax: int = 127
+    bits: int = 8
+
+    op_type = "Gather"  # the node that reads it
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def codes(self) -> np.ndarray:
+        """The int8 codes q = clip(rint(T / s), −qmax, qmax)."""
+        return quantize(self.table, self.scale[None, :], 0, -self.qmax, self.qmax).astype(np.int8)
+
+    def dequantized(self) -> np.ndarray:
+        """T̂ = q·s, the values the emitted lookup returns."""
+        return dequantize(self.codes(), self.scale[None, :].astype(np.float32), 0)
 
 
 @dataclass

@@ -14,7 +14,8 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
 * every planned activation t gets t → QuantizeLinear(s, z) → DequantizeLinear → consumers, uint8;
   tied tensors repeat their root's (s, z) so onnxruntime can drop the pair; constant inputs are
   stored as uint8 codes behind a DequantizeLinear;
-* lookup tables (``plan.tables``) become int8 codes that the Gather reads, dequantized after it.
+* lookup tables (``plan.tables``) become int8 codes that the Gather reads, dequantized after it
+  (4-bit tables: int4 → Cast(int8) → Gather, the Cast folded at load).
 
 **Activations below 8 bits on int8 kernels** (goals ``speed`` and ``size``). A b-bit grid (s, z) has
 codes [0, Q], Q = 2ᵇ − 1. It is written as one uint8 pair with the codes clipped in between:
@@ -49,7 +50,7 @@ from onnx import version_converter
 from onnxptq.errors import InputError
 from onnxptq.graph import add_initializer, set_const
 from onnxptq.kernels.quant import block_scales, broadcast_channel, quantize
-from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan
+from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan
 from onnxptq.state import CompileState
 
 INT32 = np.iinfo(np.int32)
@@ -89,11 +90,7 @@ class _Writer:
         ``unpack`` the codes pass through a Cast to ``zero_point``'s type first (folded at load)."""
         stored = add_initializer(self.graph, f"{name}_quantized", codes)
         if unpack:
-            cast = ir.node("Cast", [stored], {"to": ir.DataType.from_numpy(zero_point.dtype)}, name=f"{name}_Cast")
-            cast.outputs[0].name = f"{name}_unpacked"
-            cast.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(zero_point.dtype))
-            cast.outputs[0].shape = ir.Shape(codes.shape)
-            self.graph.insert_before(self._first(), cast)
+            cast = self._unpacked(stored, ir.DataType.from_numpy(zero_point.dtype), name, self._first())
             stored = cast.outputs[0]
         inputs = [stored, add_initializer(self.graph, f"{name}_scale", scale)]
         if zero_point is not None:
@@ -112,6 +109,14 @@ class _Writer:
         else:
             self.graph.insert_before(self._first(), node)
         return node.outputs[0]
+
+    def _unpacked(self, stored: ir.Value, dtype: ir.DataType, name: str, before: ir.Node) -> ir.Node:
+        """A Cast of the packed initializer ``stored`` to ``dtype``, inserted before ``before``."""
+        cast = ir.node("Cast", [stored], {"to": dtype}, name=f"{name}_Cast")
+        out = cast.outputs[0]
+        out.name, out.type, out.shape = f"{name}_unpacked", ir.TensorType(dtype), stored.shape
+        self.graph.insert_before(before, cast)
+        return cast
 
     def qdq(self, value: ir.Value, scale: np.float32, zero_point: int, skip: set[str],
             dtype: type = np.uint8) -> None:
@@ -176,14 +181,20 @@ class _Writer:
         else:
             self.graph.insert_after(producer, nodes)
 
-    def gathered_codes(self, node: ir.Node, name: str, codes: np.ndarray, scale: np.ndarray) -> None:
-        """Make Gather ``node`` look up ``codes`` (int8) instead of its float table and dequantize what
-        it gathers along the last axis with the per-column ``scale``. The dequantized value takes the
-        Gather output's name, so activation plans keyed on it apply to it."""
-        node.replace_input_with(0, add_initializer(self.graph, f"{name}_quantized", codes))
+    def gathered_codes(self, node: ir.Node, table: TablePlan) -> None:
+        """Make Gather ``node`` look up ``table``'s int8 codes instead of its float values and
+        dequantize what it gathers along the last axis with the per-column scale. 4-bit codes are
+        stored packed (int4) and Cast to int8 before the lookup (folded at load). The dequantized value
+        takes the Gather output's name, so activation plans keyed on it apply to it."""
+        name, codes = table.name, table.codes()
+        packed = table.bits != 8
+        stored = add_initializer(self.graph, f"{name}_quantized", codes.astype(ml_dtypes.int4) if packed else codes)
+        if packed:
+            stored = self._unpacked(stored, ir.DataType.INT8, name, node).outputs[0]
+        node.replace_input_with(0, stored)
         value = node.outputs[0]
-        s = add_initializer(self.graph, f"{name}_scale", scale)
-        z = add_initializer(self.graph, f"{name}_zero_point", np.zeros(len(scale), np.int8))
+        s = add_initializer(self.graph, f"{name}_scale", table.scale.astype(np.float32))
+        z = add_initializer(self.graph, f"{name}_zero_point", np.zeros(len(table.scale), np.int8))
         dq = ir.node("DequantizeLinear", [value, s, z], {"axis": -1}, name=f"{name}_DequantizeLinear")
         out = dq.outputs[0]
         out.type, out.shape = value.type, value.shape
@@ -282,7 +293,7 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     """
     # int4 tensors need opset 21 (int2 25); the generic target promises opset-21 QDQ at every bit width.
     storages = {l.grid.storage for l in plan.layers.values()}
-    opset21 = plan.goal == "generic" or "int4" in storages \
+    opset21 = plan.goal == "generic" or "int4" in storages or any(t.bits == 4 for t in plan.tables.values()) \
         or any(_narrow(plan, a) for a in plan.activations.values())
     opset = 25 if "int2" in storages else 21 if opset21 else 13
     model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), opset))
@@ -292,8 +303,7 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     for name, layer in plan.layers.items():
         _emit_layer(writer, nodes[name], layer, plan)
     for name, table in plan.tables.items():
-        codes = quantize(table.table, table.scale[None, :], 0, -table.qmax, table.qmax).astype(np.int8)
-        writer.gathered_codes(nodes[name], table.name, codes, table.scale.astype(np.float32))
+        writer.gathered_codes(nodes[name], table)
     values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
     float_input = {name for name, layer in plan.layers.items() if not layer.activation_input}
     for name, act in plan.activations.items():

@@ -32,6 +32,13 @@ float being offered only to layers that selection can keep float alone (``alone_
 with the calibrated ranges and the grids fitted for the sensitivity. Layers that can take a bias
 (Conv, Gemm) get a zero one first, so the byte count holds whatever corrections add later.
 
+Lookup tables (``plan.tables``, embeddings read by Gather) are rows of the program too: at a
+candidate of 8 or 4 weight bits the table is stored at that width (``passes/tables.py``), at float
+float; the other candidates are not offered. Its ΔL is measured like a layer's (the table replaced by
+T̂), its bytes are the codes and per-column scales, its BOPs and latency 0 (a lookup computes
+nothing). MiniLM-L6's int8 word-embedding table alone is 0.13× of its fp32 file, so without a 4-bit
+table no budget near that is reachable.
+
 Only what can be chosen is measured: a candidate with fewer weight bits that costs no less than one
 with more (a 2-bit Conv stored as int8 codes, under a size budget) is left out (``dominated``).
 ``--sweep DIR`` also solves ``SWEEP_POINTS`` budgets of the same kind on the same tables and writes the
@@ -43,6 +50,7 @@ additivity check: the predicted Σ ΔL against ΔL measured with all choices at 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass
 
@@ -59,13 +67,26 @@ from onnxptq.pareto import write_sweep
 from onnxptq.passes.emission import output_model
 from onnxptq.passes.select import SelectPass, weight_grid
 from onnxptq.passes.sensitivity import Reference, build_probe, layer_change, reference, subset
+from onnxptq.passes.tables import TABLE_BITS, fit_table
 from onnxptq.passes.weights import WeightGridPass
-from onnxptq.plan import LayerPlan, QuantPlan
+from onnxptq.plan import LayerPlan, QuantPlan, TablePlan
 from onnxptq.state import CompileState, Report
 from onnxptq.target import resolve_target
 
 SIZE_RETRIES = 3
 SWEEP_POINTS = 8
+
+
+def table_widths(candidates: list[Candidate]) -> list[int | None]:
+    """Per candidate, the width a lookup table takes at it: the weight bits where a table can be stored
+    at them (``TABLE_BITS``; the first such candidate only, the others would repeat it), ``FLOAT_BITS``
+    for float, None where it cannot (2 and 3 bits, which emission has no table encoding for)."""
+    widths, seen = [], set()
+    for c in candidates:
+        w = FLOAT_BITS if c.w_bits is None else c.w_bits if c.w_bits in TABLE_BITS else None
+        widths.append(None if w in seen else w)
+        seen.add(w)
+    return widths
 
 
 def alone_float(state: CompileState, layers: list[str]) -> set[str]:
@@ -86,10 +107,12 @@ def alone_float(state: CompileState, layers: list[str]) -> set[str]:
     return alone
 
 
-def replan(state: CompileState, old: QuantPlan, grids: dict[str, LayerPlan | None]) -> None:
+def replan(state: CompileState, old: QuantPlan, chosen: dict[str, LayerPlan | TablePlan | None]) -> None:
     """Replace the plan by selection at the chosen per-layer bits (None: float), reusing ``old``'s
-    calibrated ranges and the chosen candidates' fitted grids."""
+    calibrated ranges and the chosen candidates' fitted grids; ``old``'s tables take their chosen
+    widths (None: float)."""
     state.plan = QuantPlan(folded_bn=old.folded_bn, bounds=old.bounds)
+    grids = {name: g for name, g in chosen.items() if name not in old.tables}
     bits = {name: None if g is None else g.grid.bits for name, g in grids.items()}
     SelectPass(bits).run(dataclasses.replace(state, report=Report()))  # same plan object, no repeated notes
     for name, act in state.plan.activations.items():
@@ -98,17 +121,20 @@ def replan(state: CompileState, old: QuantPlan, grids: dict[str, LayerPlan | Non
         act.lo, act.hi = source.lo, source.hi
     for name, layer in state.plan.layers.items():
         layer.grid = dataclasses.replace(grids[name].grid)
+    tables = {name: chosen.get(name, table) for name, table in old.tables.items()}
+    state.plan.tables = {name: table for name, table in tables.items() if table is not None}
 
 
 @dataclass
 class Tables:
-    """Everything the program needs, per layer (rows) and candidate (columns); ``cost`` is the table
-    the budget bounds (bytes, BOPs, or for ``max_drop`` bytes with BOPs as tie-break), ``fixed`` the
-    file bytes outside layer payloads, ``old`` the 8-bit plan the choices are re-planned from."""
+    """Everything the program needs, per layer (rows: the planned layers, then the lookup tables) and
+    candidate (columns); ``cost`` is the table the budget bounds (bytes, BOPs, or for ``max_drop``
+    bytes with BOPs as tie-break), ``fixed`` the file bytes outside layer and table payloads, ``old``
+    the 8-bit plan the choices are re-planned from."""
 
     budget: str
     candidates: list[Candidate]
-    layers: list[LayerPlan]
+    layers: list[LayerPlan | TablePlan]
     fitted: dict[str, list]
     loss: np.ndarray
     size: np.ndarray
@@ -130,6 +156,21 @@ class Tables:
     def program(self) -> tuple[np.ndarray, np.ndarray]:
         """(objective, constrained) tables of ``allocate``."""
         return (self.cost, self.loss) if self.budget == "max_drop" else (self.loss, self.cost)
+
+    def chosen(self, choice: np.ndarray) -> dict[str, LayerPlan | TablePlan | None]:
+        """Row name → its fitted plan at ``choice`` (None: float), as ``replan`` takes it."""
+        return {l.node: self.fitted[l.node][c] for l, c in zip(self.layers, choice)}
+
+    def label(self, row: int, column: int) -> str:
+        """How row ``row`` is stored at candidate ``column``: the candidate, or a table's width."""
+        fit = self.fitted[self.layers[row].node][column]
+        return f"int{fit.bits} table" if isinstance(fit, TablePlan) else self.candidates[column].label
+
+    def counts(self, choice: np.ndarray) -> dict[str, int]:
+        """How many rows ``choice`` stores each way (``label``), in candidate order, tables last."""
+        found = collections.Counter(self.label(i, c) for i, c in enumerate(choice))
+        order = [c.label for c in self.candidates] + [f"int{bits} table" for bits in TABLE_BITS]
+        return {k: found[k] for k in order if found[k]}
 
     def summary(self, choice: np.ndarray) -> dict[str, float]:
         rows = np.arange(len(self.layers))
@@ -156,17 +197,18 @@ class MixedPrecisionPass:
             "budget": {budget: getattr(opts, budget)}, "candidates": [c.label for c in candidates],
             "samples": len(t.ref.outputs[0]) if t.ref.outputs else 0, **t.summary(choice), "measured_loss": joint,
             "size_ratio": round(emitted / t.fp32_bytes, 6), "other_bytes": int(t.fixed), "fp32_bytes": t.fp32_bytes,
-            "layers": [{"node": l.node, "op": l.op_type, "choice": candidates[c].label,
+            "layers": [{"node": l.node, "op": l.op_type, "choice": t.label(i, c),
                         "loss": {cand.label: None if np.isnan(loss[i, j]) else float(loss[i, j])
                                  for j, cand in enumerate(candidates)},
-                        "bytes": {cand.label: int(t.size[i, j]) for j, cand in enumerate(candidates)},
+                        "bytes": {cand.label: None if np.isnan(t.size[i, j]) else int(t.size[i, j])
+                                  for j, cand in enumerate(candidates)},
                         **({"ms": {cand.label: float(t.cost[i, j]) for j, cand in enumerate(candidates)}}
                            if t.budget == "latency_ratio" else {}),
                         "macs": int(t.macs[i])} for i, (l, c) in enumerate(zip(layers, choice))],
         }
-        counts = {cand.label: int((choice == j).sum()) for j, cand in enumerate(candidates)}
+        counts = t.counts(choice)
         state.report.note(self.name, f"{budget.replace('_', ' ')} {getattr(opts, budget)}: "
-                          + ", ".join(f"{k} ×{n}" for k, n in counts.items() if n)
+                          + ", ".join(f"{k} ×{n}" for k, n in counts.items())
                           + f"; ΔL predicted {state.report.mixed['predicted_loss']:.4g}, measured jointly "
                             f"{joint:.4g} on {state.report.mixed['samples']} samples; emitted "
                             f"{emitted / t.fp32_bytes:.4f}× fp32 bytes")
@@ -175,19 +217,28 @@ class MixedPrecisionPass:
         """Fit every candidate's grid, price it, check the budget can be met, then measure ΔL."""
         opts = state.options
         candidates = parse_candidates(opts.candidates)
-        layers = list(state.plan.layers.values())
-        for layer in layers:
+        planned = list(state.plan.layers.values())
+        for layer in planned:
             give_bias(state, layer)
-        fitted = self._fit(state, layers, candidates)
-        alone = alone_float(state, [l.node for l in layers]) if Candidate(None, None) in candidates else set()
-        unavailable = np.array([[c.w_bits is None and l.node not in alone for c in candidates] for l in layers])
+        fitted = self._fit(state, planned, candidates)
+        tables, widths = list(state.plan.tables.values()), table_widths(candidates)
+        for table in tables:
+            fitted[table.node] = [None if w in (None, FLOAT_BITS) else fit_table(table.node, table.name, table.table, w,
+                                                                                   opts.weight_method) for w in widths]
+        layers = [*planned, *tables]
+        alone = alone_float(state, [l.node for l in planned]) if Candidate(None, None) in candidates else set()
+        unavailable = np.array([[c.w_bits is None and l.node not in alone for c in candidates] for l in planned]
+                               + [[w is None for w in widths] for _ in tables]).reshape(len(layers), len(candidates))
         ref = reference(state.model, state.plan, subset(state.calib), opts.threads)
         goal = state.plan.goal
         size = np.array([[layer_storage_bytes(l, goal, "fp32") if f is None else layer_storage_bytes(f, goal)
                           for f in fitted[l.node]] for l in layers], np.float64)
-        macs = np.array([ref.macs[l.node] for l in layers], np.float64)
+        size[len(planned):][unavailable[len(planned):]] = np.nan  # no such table encoding
+        macs = np.array([ref.macs.get(l.node, 0) for l in layers], np.float64)
         bops = macs[:, None] * np.array([c.bops_per_mac for c in candidates], np.float64)[None, :]
-        ms, fp32_ms = self._latency(state, layers, fitted) if budget == "latency_ratio" else (None, 0.0)
+        ms, fp32_ms = self._latency(state, planned, fitted) if budget == "latency_ratio" else (None, 0.0)
+        if ms is not None:  # a lookup's cost is not measured: the same in every encoding
+            ms = np.vstack([ms, np.zeros((len(tables), len(candidates)))])
         cost = {"size_ratio": size, "bops_ratio": bops, "latency_ratio": ms,
                 "max_drop": size + bops / max(bops.max() * len(layers), 1.0)}[budget]  # bytes, ties by BOPs
         fixed = output_model(state).ByteSize() - sum(layer_storage_bytes(l, goal) for l in layers)
@@ -196,7 +247,7 @@ class MixedPrecisionPass:
         masked = np.where(unavailable, np.nan, cost)
         if budget == "size_ratio":  # the rest of the file, measured on the smallest choice too
             cheapest = np.nanargmin(masked, axis=1)
-            replan(state, t.old, {l.node: fitted[l.node][c] for l, c in zip(layers, cheapest)})
+            replan(state, t.old, t.chosen(cheapest))
             t.fixed = min(fixed, output_model(state).ByteSize() - size[np.arange(len(layers)), cheapest].sum())
             state.plan = t.old
         smallest = Infeasible(smallest_total(masked))
@@ -219,10 +270,10 @@ class MixedPrecisionPass:
                 raise InputError(f"--size-ratio {value}: the emitted file ({emitted / t.fp32_bytes:.4f}× of "
                                  "fp32) is larger than the program counted and no choice fits the corrected "
                                  "limit; raise --size-ratio") from None
-            if all(t.candidates[c].w_bits is None for c in choice):
+            if all(t.candidates[c].w_bits is None for l, c in zip(t.layers, choice) if not isinstance(l, TablePlan)):
                 raise InputError(f"--{t.budget.replace('_', '-')} {value} keeps every layer float, "
                                  "so there is nothing to quantize; loosen it")
-            replan(state, t.old, {l.node: t.fitted[l.node][c] for l, c in zip(t.layers, choice)})
+            replan(state, t.old, t.chosen(choice))
             emitted = output_model(state).ByteSize()
             if t.budget != "size_ratio" or emitted <= value * t.fp32_bytes:
                 return choice, emitted
@@ -235,9 +286,11 @@ class MixedPrecisionPass:
 
     @staticmethod
     def _joint(state: CompileState, t: Tables) -> float:
-        """ΔL measured with every planned layer at its chosen candidate at once (the additivity check)."""
-        probe = build_probe(state.model, state.plan, list(state.plan.layers), t.ref, state.options.threads)
-        return probe.distance({name: layer_change(layer) for name, layer in state.plan.layers.items()})
+        """ΔL measured with every planned layer and table at its chosen candidate at once (the additivity
+        check)."""
+        rows = {**state.plan.layers, **state.plan.tables}
+        probe = build_probe(state.model, state.plan, list(rows), t.ref, state.options.threads)
+        return probe.distance({name: layer_change(row) for name, row in rows.items()})
 
     def _sweep(self, state: CompileState, t: Tables) -> list[dict]:
         """The program solved at ``SWEEP_POINTS`` limits from the smallest achievable constrained total
@@ -253,10 +306,10 @@ class MixedPrecisionPass:
             choice = allocate(objective, constrained, float(limit))
             if all(t.candidates[c].w_bits is None for c in choice):
                 continue
-            replan(state, t.old, {l.node: t.fitted[l.node][c] for l, c in zip(t.layers, choice)})
+            replan(state, t.old, t.chosen(choice))
             points.append({"limit": float(limit), **t.summary(choice), "measured_loss": self._joint(state, t),
                            "size_ratio": output_model(state).ByteSize() / t.fp32_bytes,
-                           "choices": {c.label: int((choice == j).sum()) for j, c in enumerate(t.candidates)}})
+                           "choices": t.counts(choice)})
         return points
 
     @staticmethod

@@ -3,7 +3,8 @@
 What is measured: the fused fp32 graph in which layer l's weight is replaced by ŵ = q·s, the exact
 values emission's codes stand for at candidate c (pair-safe where the target needs it), and its input
 x by the Q/DQ value of x on the calibrated grid (unless c reads a float input, as int4 MatMulNBits
-does); every other layer stays fp32. ΔL is the distance of the outputs to the fp32 outputs on the first
+does); every other layer stays fp32. A lookup table (``plan.tables``) is measured the same way, its
+values replaced by T̂ (it has no input to quantize). ΔL is the distance of the outputs to the fp32 outputs on the first
 ``SAMPLES`` calibration samples (a fixed subset, so every candidate is measured on the same inputs),
 summed over the float outputs:
 
@@ -38,7 +39,7 @@ from onnxptq.data import CalibrationSet
 from onnxptq.graph import add_initializer
 from onnxptq.metrics import cosine, mean_kl
 from onnxptq.passes.calibration import with_outputs
-from onnxptq.plan import LayerPlan, QuantPlan
+from onnxptq.plan import LayerPlan, QuantPlan, TablePlan
 
 SAMPLES = 16  # calibration samples ΔL is measured on (the first ones; all if fewer): ≈ 1 s per
 # candidate on EfficientNet-Lite0 on a loaded 2-core host
@@ -147,20 +148,21 @@ def reference(model: ir.Model, plan: QuantPlan, data: CalibrationSet, threads: i
 
 
 def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Reference, threads: int = 0) -> Probe:
-    """The probe over the fused fp32 ``model`` (left unchanged) in which the named ``layers`` of
-    ``plan`` are variable."""
+    """The probe over the fused fp32 ``model`` (left unchanged) in which the named ``layers`` (or
+    lookup tables) of ``plan`` are variable."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     graph = copy.graph
     nodes = {n.name: n for n in graph}
     weights, masks, base = {}, {}, {}
     for name in layers:
-        layer, node = plan.layers[name], nodes[name]
-        w = ir.Value(name=f"{name}.probe.weight", type=ir.TensorType(ir.DataType.FLOAT),
-                     shape=ir.Shape(layer.weight.shape))
+        node = nodes[name]
+        # a table is the Gather's data (input 0), a layer's weight its input 1
+        index, value = (0, plan.tables[name].table) if name in plan.tables else (1, plan.layers[name].weight)
+        w = ir.Value(name=f"{name}.probe.weight", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(value.shape))
         graph.inputs.append(w)
-        node.replace_input_with(1, w)
-        weights[name], base[w.name] = w.name, layer.weight
-        if node.inputs[0].name in plan.activations:
+        node.replace_input_with(index, w)
+        weights[name], base[w.name] = w.name, value
+        if index == 1 and node.inputs[0].name in plan.activations:
             scale, zero_point = plan.act_params(node.inputs[0].name)
             masks[name] = _fake_quantized_input(graph, node, scale, zero_point)
             base[masks[name]] = np.array(0.0, np.float32)
@@ -169,6 +171,7 @@ def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Refere
     return Probe(session, ref.feeds, base, weights, masks, ref)
 
 
-def layer_change(layer: LayerPlan) -> tuple[np.ndarray, bool]:
-    """What the probe changes for ``layer`` as planned: its ŵ, and whether its input is quantized."""
-    return layer.dequantized(), layer.activation_input
+def layer_change(layer: LayerPlan | TablePlan) -> tuple[np.ndarray, bool]:
+    """What the probe changes for ``layer`` as planned: its ŵ (a table's T̂), and whether its input is
+    quantized (a table has none)."""
+    return layer.dequantized(), isinstance(layer, LayerPlan) and layer.activation_input

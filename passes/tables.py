@@ -1,12 +1,17 @@
-"""Lookup tables: constant embedding tables read by Gather are stored as int8 codes.
+"""Lookup tables: constant embedding tables read by Gather are stored as int8 (or int4) codes.
 
 A Gather whose data is a constant float matrix T [V, D] (axis 0, computed indices) looks up rows of
 a table that can dwarf the rest of the model (MiniLM's 30522×384 word embeddings are half its file).
-Stored as int8 codes with one symmetric scale per column, s_d = range(T[:, d]) / 127 (min-max or
-MSE clip search, ``--weight-method``), the Gather moves codes and one DequantizeLinear along the last
-axis restores T̂[v, d] = q[v, d]·s_d for the rows looked up: 4× smaller, no full-table dequantization
-per run. Per column rather than per row because a per-row scale would need its own lookup, which no
-standard DequantizeLinear expresses. Tables shared with another node (tied weights) stay float.
+Stored as b-bit codes with one symmetric scale per column, s_d = range(T[:, d]) / (2^(b−1) − 1)
+(min-max or MSE clip search, ``--weight-method``), the Gather moves codes and one DequantizeLinear
+along the last axis restores T̂[v, d] = q[v, d]·s_d for the rows looked up: no full-table
+dequantization per run. Per column rather than per row because a per-row scale would need its own
+lookup, which no standard DequantizeLinear expresses. Tables shared with another node (tied weights)
+stay float.
+
+This pass plans every table at 8 bits (4× smaller than float); mixed precision may choose 4 bits
+(``fit_table``), stored packed two codes per byte and Cast to int8 before the Gather — onnxruntime
+folds the Cast of a constant at load, so the file holds 8× less than float and the lookup runs on int8.
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ from onnxptq.passes.select import excluded
 from onnxptq.plan import TablePlan
 from onnxptq.state import CompileState
 
-QMAX = 127
+TABLE_BITS = (8, 4)  # the widths a table can be stored at
+
+
+def fit_table(node: str, name: str, table: np.ndarray, bits: int, method: str) -> TablePlan:
+    """The plan of table ``name`` [V, D] read by Gather ``node`` at ``bits`` (one of ``TABLE_BITS``):
+    its per-column scales fitted by ``method``."""
+    if bits not in TABLE_BITS:
+        raise ValueError(f"a table is stored at {TABLE_BITS} bits, not {bits}")
+    scale = row_scales(channel_rows(table, 1), 2 ** (bits - 1) - 1, method)
+    return TablePlan(node=node, name=name, table=table, scale=scale, bits=bits)
 
 
 class TablePass:
@@ -36,8 +50,7 @@ class TablePass:
             if table is None or table.dtype != np.float32 or table.ndim != 2 or attr(node, "axis", 0) not in (0, -2) \
                     or const(indices) is not None or len(data.uses()) != 1:
                 continue
-            scale = row_scales(channel_rows(table, 1), QMAX, state.options.weight_method)
-            tables[node.name] = TablePlan(node=node.name, name=data.name, table=table, scale=scale, qmax=QMAX)
+            tables[node.name] = fit_table(node.name, data.name, table, 8, state.options.weight_method)
         if tables:
             n = sum(t.table.size for t in tables.values())
             state.report.note(self.name, f"{len(tables)} Gather tables ({n:,} values) stored as int8, "

@@ -1,11 +1,16 @@
-"""Gather lookup tables stored as int8 codes: structure, codes, numerics, and what stays float."""
+"""Gather lookup tables stored as int8 (or, under a mixed-precision budget, int4) codes: structure,
+codes, numerics, sensitivity, and what stays float."""
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxptq
 from conftest import fvi, make_model
+from onnxptq.metrics import mean_kl
+from onnxptq.passes.sensitivity import SAMPLES
+from onnxptq.passes.verification import optimized_kernels
 from onnxptq.runtime import session
 
 V, D = 300, 16
@@ -65,3 +70,42 @@ def test_shared_and_excluded_tables_stay_float(rng, tmp_path):
     _, out, result = compile_ids(embedding_model(rng), rng, tmp_path, exclude="Gather")
     assert "table" in {i.name for i in onnx.load(out).graph.initializer}
     assert not any(p["name"] == "tables" and p.get("notes") for p in result.report["passes"])
+
+
+def test_mixed_precision_keeps_tables_quantized_and_stores_them_at_4_bits_when_the_budget_needs(rng, tmp_path):
+    """The program has a row for the table (8 bits, 4 bits or float). Under 0.34× of fp32 it keeps it
+    int8 (re-planning the layers once dropped every table, which wrote a float table over budget);
+    under 0.22× only a 4-bit table fits: packed int4 codes → Cast(int8) → Gather → DequantizeLinear,
+    which onnxruntime runs with the Cast folded away and looks up exactly q·s, |q| ≤ 7."""
+    model = embedding_model(rng)
+    fp32_table = numpy_helper.to_array(model.graph.initializer[0])
+    for budget, bits in ((0.34, 8), (0.22, 4)):
+        path, out, result = compile_ids(model, rng, tmp_path, size_ratio=budget, target="ort-cpu-size")
+        assert out.stat().st_size <= budget * path.stat().st_size
+        q = onnx.load(out)
+        inits = {i.name: i for i in q.graph.initializer}
+        assert "table" not in inits
+        row = next(r for r in result.report["mixed"]["layers"] if r["op"] == "Gather")
+        assert row["choice"] == f"int{bits} table" and row["bytes"]["w2a8"] is None
+        codes = inits["table_quantized"]
+        assert codes.data_type == (TensorProto.INT8 if bits == 8 else TensorProto.INT4)
+    scale = numpy_helper.to_array(inits["table_scale"])
+    np.testing.assert_allclose(scale, np.abs(fp32_table).max(0) / 7, rtol=1e-6)
+    gather = next(n for n in q.graph.node if n.op_type == "Gather")
+    cast = next(n for n in q.graph.node if n.output[0] == gather.input[0])
+    assert cast.op_type == "Cast" and cast.input[0] == "table_quantized"
+    assert "Cast" not in optimized_kernels(q).values(), "onnxruntime folds the Cast of the constant codes"
+    dq = next(n for n in q.graph.node if gather.output[0] in n.input)
+    ids = rng.integers(0, V, (3, 4)).astype(np.int64)
+    q.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
+    got = session(q).run([dq.output[0]], {"ids": ids})[0]
+    want_codes = np.clip(np.rint(fp32_table / scale), -7, 7)
+    np.testing.assert_array_equal(got, (want_codes * scale).astype(np.float32)[ids])
+    # ΔL of each table width: the KL of the logits y = T[ids]·W with T replaced by T̂, on the probe's 16 samples
+    probe_ids = np.load(tmp_path / "calib.npz")["ids"][:SAMPLES]
+    w = numpy_helper.to_array(model.graph.initializer[1])
+    for label, qmax in (("w8a8", 127), ("w4a8", 7)):
+        s = np.abs(fp32_table).max(0) / qmax
+        table_hat = (np.clip(np.rint(fp32_table / s), -qmax, qmax) * s).astype(np.float32)
+        want = mean_kl(fp32_table[probe_ids] @ w, table_hat[probe_ids] @ w, False)
+        assert row["loss"][label] == pytest.approx(want, rel=1e-3)
