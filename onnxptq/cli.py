@@ -96,6 +96,8 @@ def cli() -> None:
               "optional :key=value options, run in the order given: bn-reestimate[:target=fp32|bn][:layers=bn|hidden] "
               "(match the per-channel mean/std of each BN-folded, or each hidden, layer's output to the fp32 model's, "
               "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error), "
+              "bias-tuning[:steps=N][:lr=F][:batch=N] (bias correction, then all biases trained on the KL of the "
+              "model's outputs to fp32; needs `make .venv-training/.installed`, else it stops after bias correction), "
               "adaquant[:mode=parallel|sequential][:iterations=N][:workers=N][:engine=numpy|ort-training] (fit each "
               "layer's weights, bias and steps to its fp32 output; ort-training needs `make .venv-training/.installed`). "
               "Core pass names may "

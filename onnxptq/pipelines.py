@@ -26,9 +26,11 @@ from typing import Any
 from onnxptq.errors import InputError
 from onnxptq.passes.adaquant import AdaQuantPass
 from onnxptq.passes.bias_correction import BiasCorrectionPass
+from onnxptq.passes.bias_tuning import BiasTuningPass
 from onnxptq.passes.bn_reestimate import BNReestimatePass
 
-CORRECTIONS: dict[str, type] = {p.name: p for p in (BNReestimatePass, BiasCorrectionPass, AdaQuantPass)}
+CORRECTIONS: dict[str, type] = {p.name: p for p in (BNReestimatePass, BiasCorrectionPass, BiasTuningPass,
+                                                   AdaQuantPass)}
 NAMED = {"light": "bn-reestimate:layers=hidden,bias-correction",
          "advanced": "adaquant,bn-reestimate:layers=hidden,bias-correction"}
 

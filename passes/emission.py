@@ -234,10 +234,15 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
     node.replace_input_with(1, w.dq(layer.weight_name, codes.astype(stored), s_w, np.zeros(len(s_w), zp_type),
                                     axis=grid.axis, unpack=packed and plan.goal != "generic"))
     if layer.bias is not None and layer.activation_input:
-        s_x = plan.act_params(layer.input_name)[0]
-        s_b = (s_x * s_w).astype(np.float32)
-        b_q = np.clip(np.rint(layer.bias / s_b), INT32.min, INT32.max).astype(np.int32)
+        b_q, s_b = int32_bias(layer, plan)
         node.replace_input_with(2, w.dq(layer.bias_name, b_q, s_b, np.zeros(len(s_b), np.int32), axis=0))
+
+
+def int32_bias(layer: LayerPlan, plan: QuantPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, step) of the int32 bias emission writes for ``layer`` (a per-channel grid, quantized
+    input): step s_b = s_x·s_w,c, codes clip(rint(b/s_b)) to int32 — the bias the integer kernel adds."""
+    s_b = (plan.act_params(layer.input_name)[0] * layer.grid.scale.astype(np.float32)).astype(np.float32)
+    return np.clip(np.rint(layer.bias / s_b), INT32.min, INT32.max).astype(np.int32), s_b
 
 
 def _absorbed(value: ir.Value, act: ActivationPlan) -> ir.Value | None:

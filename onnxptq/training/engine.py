@@ -1,4 +1,5 @@
-"""Drives AdaQuant's onnxruntime-training engine from the main process.
+"""Drives the onnxruntime-training engine (AdaQuant's layers, bias tuning's whole graph) from the main
+process.
 
 onnxruntime-training-cpu (1.19.2, the last release) installs into the same ``onnxruntime`` package
 as current onnxruntime, so it lives in its own environment (``make .venv-training/.installed``: Python
@@ -14,31 +15,42 @@ import queue
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
 
 from onnxptq.errors import InputError
 from onnxptq.kernels import adaquant
 from onnxptq.training import protocol
 from onnxptq.training.layer_graph import LayerOp
 
+T = TypeVar("T")
 PYTHON_VARIABLE = "ONNXPTQ_TRAINING_PYTHON"
 VENV = ".venv-training"
 WORKER = Path(__file__).with_name("worker.py")
 
 
-def training_python() -> Path:
-    """The training environment's Python: ``$ONNXPTQ_TRAINING_PYTHON``, else ``.venv-training`` in the
-    checkout onnxptq runs from or in the current directory; an ``InputError`` naming the fix if none."""
+def _candidates() -> list[Path]:
     if os.environ.get(PYTHON_VARIABLE):
-        candidates = [Path(os.environ[PYTHON_VARIABLE])]
-    else:
-        candidates = [root / VENV / "bin" / "python" for root in (Path(__file__).resolve().parents[2], Path.cwd())]
-    found = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+        return [Path(os.environ[PYTHON_VARIABLE])]
+    return [root / VENV / "bin" / "python" for root in (Path(__file__).resolve().parents[2], Path.cwd())]
+
+
+def find_training_python() -> Path | None:
+    """The training environment's Python: ``$ONNXPTQ_TRAINING_PYTHON``, else ``.venv-training`` in the
+    checkout onnxptq runs from or in the current directory; None if there is none."""
+    return next((c for c in _candidates() if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def training_python() -> Path:
+    """``find_training_python``, or an ``InputError`` naming the fix if there is none."""
+    found = find_training_python()
     if found is None:
         raise InputError(f"adaquant: engine=ort-training needs the onnxruntime-training environment, not found at "
-                         f"{candidates[0]}; create it with `make {VENV}/.installed` in the onnxptq checkout, or set "
+                         f"{_candidates()[0]}; create it with `make {VENV}/.installed` in the onnxptq checkout, or set "
                          f"{PYTHON_VARIABLE} to a Python that has onnxruntime-training-cpu==1.19.2 and onnx<1.17")
     return found
 
@@ -56,11 +68,27 @@ class TrainingWorker:
 
     def fit(self, problem: adaquant.LayerProblem, op: LayerOp, x_spec: tuple, y_spec: tuple,
             settings: adaquant.Settings, seed: int) -> tuple[adaquant.Fit, float]:
+        return self._ask(lambda folder: protocol.write_job(folder, problem, op, x_spec, y_spec, settings, seed),
+                         lambda answer, folder: protocol.read_fit(answer, folder, adaquant.Fit))
+
+    def train_graph(self, model: bytes, batches: list[dict[str, np.ndarray]], trainable: list[str],
+                    **settings) -> tuple[dict[str, np.ndarray], dict]:
+        """Train the ``trainable`` initializers of the serialized loss graph ``model`` (its output: the
+        loss) on ``batches`` (``settings``: steps, lr, holdout, check, seed of the worker's
+        ``train_graph``): (the values kept, {before, after, fitted_before, fitted_after, step, seconds})."""
+        def job(folder: Path) -> str:
+            (folder / "loss.onnx").write_bytes(model)
+            return protocol.write_graph_job(folder, folder / "loss.onnx", batches, trainable, settings)
+
+        return self._ask(job, protocol.read_trained)
+
+    def _ask(self, write: Callable[[Path], str], read: Callable[[str, Path], T]) -> T:
+        """Send the job ``write`` puts in a fresh folder, return ``read`` of the answer."""
         self.jobs += 1
         folder = self.folder / str(self.jobs)
         folder.mkdir()
         try:
-            self.process.stdin.write(protocol.write_job(folder, problem, op, x_spec, y_spec, settings, seed) + "\n")
+            self.process.stdin.write(write(folder) + "\n")
             self.process.stdin.flush()
             answer = self.process.stdout.readline()
         except BrokenPipeError:
@@ -68,9 +96,9 @@ class TrainingWorker:
         if not answer:
             self.log.seek(0)
             tail = self.log.read().strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"adaquant: the onnxruntime-training worker stopped: {tail[0]}")
+            raise RuntimeError(f"the onnxruntime-training worker stopped: {tail[0]}")
         try:
-            return protocol.read_fit(answer, folder, adaquant.Fit)
+            return read(answer, folder)
         finally:
             shutil.rmtree(folder)
 

@@ -1,5 +1,7 @@
-"""The messages between the main process and the training worker: one JSON line each way per layer,
+"""The messages between the main process and the training worker: one JSON line each way per job,
 arrays in an .npz file beside it. Only numpy and the standard library, so both environments read it.
+A job is one AdaQuant layer, or (``"kind": "graph"``) a whole loss graph whose named initializers are
+trained (bias tuning).
 
 The rows themselves stay in the files the pass wrote (``open_rows``), which the worker maps too.
 A job names the layer problem (a ``kernels.adaquant.LayerProblem``: arrays to the .npz, the rest to
@@ -95,3 +97,40 @@ def read_fit(line: str, folder: Path, fit_cls: type) -> tuple[Any, float]:
     with np.load(folder / "theta.npz") as arrays:
         theta = {k: arrays[k] for k in arrays.files}
     return fit_cls(theta=theta, **answer["fit"]), answer["seconds"]
+
+
+def write_graph_job(folder: Path, model: Path, batches: list[dict[str, np.ndarray]], trainable: list[str],
+                    settings: dict[str, Any]) -> str:
+    """The JSON line of a whole-graph training job (bias tuning): the loss graph at ``model``, its
+    input batches (written to ``folder``/batches.npz), the initializers to train, and ``settings``
+    (steps, lr, holdout, check, seed: the worker's ``train_graph``)."""
+    np.savez(folder / "batches.npz", **{f"{i}/{name}": array for i, batch in enumerate(batches)
+                                        for name, array in batch.items()})
+    return _dumps({"kind": "graph", "folder": str(folder), "model": str(model), "batches": len(batches),
+                   "trainable": trainable, **settings})
+
+
+def read_graph_job(job: dict) -> dict:
+    """A decoded graph job with its ``batches`` read back as a list of feed dicts."""
+    folder = Path(job["folder"])
+    batches: list[dict[str, np.ndarray]] = [{} for _ in range(job["batches"])]
+    with np.load(folder / "batches.npz") as arrays:
+        for key in arrays.files:
+            index, name = key.split("/", 1)
+            batches[int(index)][name] = arrays[key]
+    return {**job, "folder": folder, "batches": batches}
+
+
+def write_trained(folder: Path, parameters: dict[str, np.ndarray], info: dict) -> str:
+    """The JSON line answering a graph job (the trained values written to ``folder``/trained.npz)."""
+    np.savez(folder / "trained.npz", **parameters)
+    return _dumps({"trained": info})
+
+
+def read_trained(line: str, folder: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(trained values, info) of a graph job's answer; raises RuntimeError with the worker's message."""
+    answer = json.loads(line)
+    if "error" in answer:
+        raise RuntimeError(answer["error"])
+    with np.load(folder / "trained.npz") as arrays:
+        return {k: arrays[k] for k in arrays.files}, answer["trained"]

@@ -3,7 +3,7 @@ onnx < 1.17, numpy; never torch), started by ``engine`` as ``python worker.py KE
 is the path of ``kernels/adaquant.py`` (loaded by path: the onnxptq package and its dependencies are
 not installed here). It reads one job per line on stdin (``protocol``) and answers one line per job.
 
-Per layer: the loss graph of ``layer_graph``, its training artifacts (gradient graph and an AdamW
+Jobs are AdaQuant layers or whole loss graphs (``train_graph``: bias tuning). Per layer: the loss graph of ``layer_graph``, its training artifacts (gradient graph and an AdamW
 optimizer, set to PyTorch's Adam: bias-corrected m̂ and v̂, ε added to √v̂, no weight decay, the numpy
 engine's β₁, β₂), then ``kernels.adaquant.fit`` with this engine's ``OrtTrainer`` in place of the numpy
 one: the minibatch draws, the probe, the iterate kept and the final check are the numpy engine's code.
@@ -12,6 +12,7 @@ one: the minibatch draws, the probe, the iterate kept and the final check are th
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -102,7 +103,63 @@ class OrtTrainer:
         return theta_of({name: self.state.parameters[name].data for name in self.trained}, self.problem, self.lr)
 
 
+def train_graph(job: dict) -> str:
+    """A graph job (bias tuning): Adam (PyTorch's, no weight decay) at ``lr`` on the named initializers
+    of the loss graph for ``steps`` minibatches drawn at random (seeded) from all batches but the last
+    ``holdout``, which judge: their loss (weighted by their samples; all batches' when ``holdout`` is
+    0) before training and every ``check`` steps. Returns the values at the lowest judged loss (the
+    start's if none is lower), with the judged and training losses there and at the start."""
+    start = time.perf_counter()
+    folder = job["folder"]
+    model = onnx.load(job["model"])
+    trainable = job["trainable"]
+    frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
+    ARTIFACTS.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen, loss=None,
+                                 optimizer=ARTIFACTS.OptimType.AdamW, artifact_directory=folder)
+    set_adam(folder / "optimizer_model.onnx", (0.9, 0.999), 1e-8)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    state = CHECKPOINT.load_checkpoint(folder / "checkpoint")
+    module = MODULE(folder / "training_model.onnx", state, folder / "eval_model.onnx", session_options=options)
+    optimizer = OPTIMIZER(folder / "optimizer_model.onnx", module)
+    optimizer.set_learning_rate(job["lr"])
+    batches, names, holdout = job["batches"], module.input_names(), job["holdout"]
+    fitted = batches[:len(batches) - holdout]
+    judged = batches[len(batches) - holdout:] if holdout else batches
+
+    def loss(batch: dict[str, np.ndarray]) -> float:
+        return float(module(*[batch[n] for n in names]))
+
+    def overall(group: list[dict[str, np.ndarray]]) -> float:
+        module.eval()
+        samples = [len(next(iter(b.values()))) for b in group]
+        value = float(np.dot([loss(b) for b in group], samples) / sum(samples))
+        module.train()
+        return value
+
+    def snapshot(step: int) -> dict:
+        return {"step": step, "judged": overall(judged), "fitted": overall(fitted),
+                "values": {name: np.array(state.parameters[name].data) for name in trainable}}
+
+    first = best = snapshot(0)
+    draws = np.random.default_rng(job["seed"]).integers(len(fitted), size=job["steps"])
+    module.train()
+    for step, i in enumerate(draws, 1):
+        loss(fitted[i])
+        optimizer.step()
+        module.lazy_reset_grad()
+        if step % job["check"] == 0 or step == len(draws):
+            now = snapshot(step)
+            if now["judged"] < best["judged"]:
+                best = now
+    info = {"before": first["judged"], "after": best["judged"], "fitted_before": first["fitted"],
+            "fitted_after": best["fitted"], "step": best["step"], "seconds": time.perf_counter() - start}
+    return protocol.write_trained(folder, best["values"], info)
+
+
 def run(kernel: types.ModuleType, line: str) -> str:
+    if json.loads(line).get("kind") == "graph":
+        return train_graph(protocol.read_graph_job(json.loads(line)))
     job = protocol.read_job(line, kernel.LayerProblem, LayerOp, kernel.Settings)
     start = time.perf_counter()
     problem, folder = job["problem"], job["folder"]
