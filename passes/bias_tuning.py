@@ -39,7 +39,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxptq import runtime
-from onnxptq.graph import add_initializer
+from onnxptq.graph import add_initializer, attr
 from onnxptq.kernels.quant import fake_quantize
 from onnxptq.metrics import log_probabilities
 from onnxptq.passes.bias_correction import BiasCorrectionPass
@@ -139,6 +139,30 @@ def _rounded(graph: ir.Graph, b: ir.Value, step: np.ndarray) -> ir.Value:
     return _op(graph, "Mul", _op(graph, "Add", r, offset), s)
 
 
+def _differentiable_maxima(graph: ir.Graph, opset: int) -> None:
+    """Maxima in ops onnxruntime-training has gradients for, same values: GlobalMaxPool as the MaxPool
+    over the whole (static) spatial extent, ReduceMax over one axis as TopK(k = 1) (squeezed unless
+    keepdims)."""
+    for node in list(graph):
+        x = node.inputs[0] if node.inputs else None
+        if node.op_type == "GlobalMaxPool" and x.shape and all(isinstance(d, int) for d in x.shape.dims[2:]):
+            new = [ir.node("MaxPool", [x], {"kernel_shape": list(x.shape.dims[2:])})]
+        elif node.op_type == "ReduceMax" and opset < 18 and len(axes := list(attr(node, "axes", []))) == 1:
+            k = add_initializer(graph, "tuning.k", np.array([1], np.int64))
+            new = [ir.node("TopK", [x, k], {"axis": axes[0]}, num_outputs=2)]
+            if not attr(node, "keepdims", 1):
+                squeeze = add_initializer(graph, "tuning.axes", np.array(axes, np.int64))
+                new.append(ir.node("Squeeze", [new[0].outputs[0], squeeze] if opset >= 13 else [new[0].outputs[0]],
+                                   None if opset >= 13 else {"axes": axes}))
+        else:
+            continue
+        out, old = new[-1].outputs[0], node.outputs[0]
+        out.type, out.shape, out.name, old.name = old.type, old.shape, old.name, f"{old.name}.replaced"
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.insert_after(node, new)
+        graph.remove(node, safe=True)
+
+
 def _emitted_bias(layer: LayerPlan, plan: QuantPlan) -> np.ndarray:
     """The bias values the emitted layer adds: its int32 codes times their step, or the float bias of a
     layer with a float input (int4 MatMulNBits)."""
@@ -177,6 +201,7 @@ def loss_graph(state: CompileState, spread: dict[str, np.ndarray]) -> tuple[onnx
     for name, table in plan.tables.items():
         nodes[name].replace_input_with(0, add_initializer(graph, f"{name}.tuning.table", table.dequantized()))
     _fake_quantize_activations(graph, plan)
+    _differentiable_maxima(graph, model.opset_imports.get("", 1))
     opset = model.opset_imports.get("", 1)
     names, normalized = float_outputs(state.model)
     terms = []
@@ -270,7 +295,7 @@ class BiasTuningPass:
                                                    steps=self.steps, lr=self.lr, holdout=holdout, check=self.check,
                                                    seed=state.options.seed)
             except RuntimeError as exc:
-                state.report.note(self.name, f"onnxruntime-training could not train the graph ({str(exc)[:200]}): "
+                state.report.note(self.name, f"onnxruntime-training could not train the graph (…{str(exc).strip()[-160:]}): "
                                              "biases as bias correction left them, not tuned")
                 return
         kept = info["step"] > 0

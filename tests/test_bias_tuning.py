@@ -1,15 +1,19 @@
 """Bias tuning: the training graph computes the emitted model's KL to fp32; training lowers it and writes
 the biases the emitted model then carries; without onnxruntime-training it is bias correction."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import cnn
+from onnx import helper
+
+from conftest import cnn, fvi, make_model
 from onnxptq import runtime
 from onnxptq.metrics import mean_kl
 from onnxptq.passes.bias_correction import BiasCorrectionPass
-from onnxptq.passes.bias_tuning import BiasTuningPass, loss_graph, training_batches
+from onnxptq.passes.bias_tuning import BiasTuningPass, _differentiable_maxima, loss_graph, training_batches
 from onnxptq.passes.emission import emit_model
 from onnxptq.training import engine
 from test_corrections import planned
@@ -68,3 +72,27 @@ def test_without_onnxruntime_training_it_is_bias_correction(monkeypatch):
         np.testing.assert_array_equal(layer.bias, reference.plan.layers[name].bias)
     note = next(p for p in state.report.passes if p["name"] == "bias-tuning")["notes"][0]
     assert "onnxruntime-training is not installed" in note and "not tuned" in note
+
+
+def test_a_worker_that_dies_is_reported_with_its_exit_code():
+    with engine.TrainingWorker(Path("/bin/false")) as worker:
+        with pytest.raises(RuntimeError, match=r"worker stopped \(exit code 1\): no message"):
+            worker.train_graph(b"", [], [], steps=0, lr=0.0, holdout=0, check=1, seed=0)
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_maxima_are_rewritten_into_differentiable_ops_with_the_same_values(rng, keepdims):
+    """GlobalMaxPool → MaxPool over the whole extent, ReduceMax over one axis → TopK(1) (squeezed)."""
+    nodes = [helper.make_node("GlobalMaxPool", ["x"], ["g"], name="gmp"),
+             helper.make_node("ReduceMax", ["x"], ["r"], name="rmax", axes=[1], keepdims=keepdims)]
+    model = make_model(nodes, [fvi("x", [2, 3, 5])], [fvi("g", [2, 3, 1]), fvi("r", [2, 1, 5] if keepdims else [2, 5])],
+                       {}, opset=15)
+    x = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    want = runtime.session(model).run(None, {"x": x})  # (onnx.reference's GlobalMaxPool drops the channel axis)
+    rewritten = ir.serde.deserialize_model(model)
+    _differentiable_maxima(rewritten.graph, 15)
+    assert {n.op_type for n in rewritten.graph} >= {"MaxPool", "TopK"}
+    assert not {"GlobalMaxPool", "ReduceMax"} & {n.op_type for n in rewritten.graph}
+    got = runtime.session(ir.serde.serialize_model(rewritten)).run(None, {"x": x})
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

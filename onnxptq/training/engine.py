@@ -10,6 +10,7 @@ stay in their memory-mapped files, which the worker reads directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -94,9 +95,15 @@ class TrainingWorker:
         except BrokenPipeError:
             answer = ""
         if not answer:
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = None
             self.log.seek(0)
-            tail = self.log.read().strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"the onnxruntime-training worker stopped: {tail[0]}")
+            # its last message, past onnxruntime's info lines
+            lines = [line for line in self.log.read().strip().splitlines() if "[I:onnxruntime" not in line]
+            died = f"exit code {code}" + (f", signal {-code}" if code is not None and code < 0 else "")
+            raise RuntimeError(f"the onnxruntime-training worker stopped ({died}): {(lines or ['no message'])[-1]}")
         try:
             return read(answer, folder)
         finally:
@@ -106,7 +113,8 @@ class TrainingWorker:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.process.stdin.close()
+        with contextlib.suppress(BrokenPipeError):  # a worker that died cannot take what is still buffered
+            self.process.stdin.close()
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
