@@ -127,6 +127,10 @@ CONFIGS = {
     "onnxptq W4A8 +bn": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=hidden"}),
     "onnxptq W4A8 +bn+bias": (_compile_onnxptq, {"w_bits": 4, "pipeline": "light"}),
     "onnxptq W4A8 +bn(target=bn)": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=bn:target=bn"}),
+    # bias tuning in place of bias correction (needs `make .venv-training/.installed`), light and advanced
+    "onnxptq W4A8 +bn+tuning": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=hidden,bias-tuning"}),
+    "onnxptq W4A8 advanced+tuning": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant,bn-reestimate:layers=hidden,"
+                                                                                 "bias-tuning"}),
     "onnxptq W8A8 advanced": (_compile_onnxptq, {"pipeline": "advanced"}),
     "onnxptq W4A8 advanced": (_compile_onnxptq, {"w_bits": 4, "pipeline": "advanced"}),
     "onnxptq W3A8 advanced": (_compile_onnxptq, {"w_bits": 3, "pipeline": "advanced"}),
