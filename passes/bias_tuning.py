@@ -139,13 +139,27 @@ def _rounded(graph: ir.Graph, b: ir.Value, step: np.ndarray) -> ir.Value:
     return _op(graph, "Mul", _op(graph, "Add", r, offset), s)
 
 
-def _differentiable_maxima(graph: ir.Graph, opset: int) -> None:
-    """Maxima in ops onnxruntime-training has gradients for, same values: GlobalMaxPool as the MaxPool
-    over the whole (static) spatial extent, ReduceMax over one axis as TopK(k = 1) (squeezed unless
-    keepdims)."""
+def _hard_sigmoid(graph: ir.Graph, x: ir.Value, alpha: float, beta: float) -> list[ir.Node]:
+    """clip(α·x + β, 0, 1) in Mul, Add and Clip (opset ≥ 11)."""
+    const = lambda v: add_initializer(graph, "tuning.hard", np.array(v, np.float32))  # noqa: E731
+    scaled = ir.node("Mul", [x, const(alpha)])
+    shifted = ir.node("Add", [scaled.outputs[0], const(beta)])
+    return [scaled, shifted, ir.node("Clip", [shifted.outputs[0], const(0.0), const(1.0)])]
+
+
+def _differentiable(graph: ir.Graph, opset: int) -> None:
+    """Ops onnxruntime-training has no gradient for, rewritten into ops it has, same values:
+    GlobalMaxPool as the MaxPool over the whole (static) spatial extent, ReduceMax over one axis as
+    TopK(k = 1) (squeezed unless keepdims), HardSigmoid as clip(α·x + β, 0, 1) and HardSwish as
+    x·clip(x/6 + ½, 0, 1)."""
     for node in list(graph):
         x = node.inputs[0] if node.inputs else None
-        if node.op_type == "GlobalMaxPool" and x.shape and all(isinstance(d, int) for d in x.shape.dims[2:]):
+        if node.op_type in ("HardSigmoid", "HardSwish") and opset >= 11:
+            new = _hard_sigmoid(graph, x, attr(node, "alpha", 0.2), attr(node, "beta", 0.5)) \
+                if node.op_type == "HardSigmoid" else _hard_sigmoid(graph, x, 1 / 6, 0.5)
+            if node.op_type == "HardSwish":
+                new.append(ir.node("Mul", [x, new[-1].outputs[0]]))
+        elif node.op_type == "GlobalMaxPool" and x.shape and all(isinstance(d, int) for d in x.shape.dims[2:]):
             new = [ir.node("MaxPool", [x], {"kernel_shape": list(x.shape.dims[2:])})]
         elif node.op_type == "ReduceMax" and opset < 18 and len(axes := list(attr(node, "axes", []))) == 1:
             k = add_initializer(graph, "tuning.k", np.array([1], np.int64))
@@ -201,7 +215,7 @@ def loss_graph(state: CompileState, spread: dict[str, np.ndarray]) -> tuple[onnx
     for name, table in plan.tables.items():
         nodes[name].replace_input_with(0, add_initializer(graph, f"{name}.tuning.table", table.dequantized()))
     _fake_quantize_activations(graph, plan)
-    _differentiable_maxima(graph, model.opset_imports.get("", 1))
+    _differentiable(graph, model.opset_imports.get("", 1))
     opset = model.opset_imports.get("", 1)
     names, normalized = float_outputs(state.model)
     terms = []

@@ -13,7 +13,7 @@ from conftest import cnn, fvi, make_model
 from onnxptq import runtime
 from onnxptq.metrics import mean_kl
 from onnxptq.passes.bias_correction import BiasCorrectionPass
-from onnxptq.passes.bias_tuning import BiasTuningPass, _differentiable_maxima, loss_graph, training_batches
+from onnxptq.passes.bias_tuning import BiasTuningPass, _differentiable, loss_graph, training_batches
 from onnxptq.passes.emission import emit_model
 from onnxptq.training import engine
 from test_corrections import planned
@@ -81,18 +81,21 @@ def test_a_worker_that_dies_is_reported_with_its_exit_code():
 
 
 @pytest.mark.parametrize("keepdims", [0, 1])
-def test_maxima_are_rewritten_into_differentiable_ops_with_the_same_values(rng, keepdims):
-    """GlobalMaxPool → MaxPool over the whole extent, ReduceMax over one axis → TopK(1) (squeezed)."""
+def test_ops_without_gradients_are_rewritten_into_ops_with_them_and_the_same_values(rng, keepdims):
+    """GlobalMaxPool → MaxPool over the whole extent, ReduceMax over one axis → TopK(1) (squeezed),
+    HardSigmoid/HardSwish → Mul, Add, Clip."""
     nodes = [helper.make_node("GlobalMaxPool", ["x"], ["g"], name="gmp"),
-             helper.make_node("ReduceMax", ["x"], ["r"], name="rmax", axes=[1], keepdims=keepdims)]
-    model = make_model(nodes, [fvi("x", [2, 3, 5])], [fvi("g", [2, 3, 1]), fvi("r", [2, 1, 5] if keepdims else [2, 5])],
-                       {}, opset=15)
-    x = rng.standard_normal((2, 3, 5)).astype(np.float32)
+             helper.make_node("ReduceMax", ["x"], ["r"], name="rmax", axes=[1], keepdims=keepdims),
+             helper.make_node("HardSigmoid", ["x"], ["hs"], name="hsig", alpha=0.3, beta=0.4),
+             helper.make_node("HardSwish", ["x"], ["hw"], name="hswish")]
+    model = make_model(nodes, [fvi("x", [2, 3, 5])], [fvi("g", [2, 3, 1]), fvi("r", [2, 1, 5] if keepdims else [2, 5]),
+                                                      fvi("hs", [2, 3, 5]), fvi("hw", [2, 3, 5])], {}, opset=15)
+    x = (rng.standard_normal((2, 3, 5)) * 4).astype(np.float32)  # across both bends of the hard functions
     want = runtime.session(model).run(None, {"x": x})  # (onnx.reference's GlobalMaxPool drops the channel axis)
     rewritten = ir.serde.deserialize_model(model)
-    _differentiable_maxima(rewritten.graph, 15)
+    _differentiable(rewritten.graph, 15)
     assert {n.op_type for n in rewritten.graph} >= {"MaxPool", "TopK"}
-    assert not {"GlobalMaxPool", "ReduceMax"} & {n.op_type for n in rewritten.graph}
+    assert not {"GlobalMaxPool", "ReduceMax", "HardSigmoid", "HardSwish"} & {n.op_type for n in rewritten.graph}
     got = runtime.session(ir.serde.serialize_model(rewritten)).run(None, {"x": x})
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
