@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+import onnxscript.optimizer
 
 from onnxptq import runtime
 from onnxptq.graph import add_initializer, attr
@@ -186,10 +187,12 @@ def _emitted_bias(layer: LayerPlan, plan: QuantPlan) -> np.ndarray:
     return (codes * step.astype(np.float64)).astype(np.float32)
 
 
-def loss_graph(state: CompileState, spread: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, str]]:
+def loss_graph(state: CompileState, spread: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]] | None = None
+               ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The training graph of the plan (module doc) whose one output is the loss, its inputs the
     model's and one ``TARGET`` per float output; and layer → the name of its trainable u (zeros), for
-    the layers in ``spread`` (layer → σ per channel)."""
+    the layers in ``spread`` (layer → σ per channel). With ``shapes`` (input → the shape every batch
+    gives it) the graph is specialized to them (``_static``)."""
     model = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
     graph, plan = model.graph, state.plan
     nodes = {n.name: n for n in graph}
@@ -232,6 +235,8 @@ def loss_graph(state: CompileState, spread: dict[str, np.ndarray]) -> tuple[onnx
     graph.outputs.clear()
     graph.outputs.append(loss)
     model.opset_imports["com.microsoft"] = 1
+    if shapes:
+        _static(model, shapes, [graph.initializers[u] for u in trainable.values()])
     common.RemoveUnusedNodesPass()(model)
     common.TopologicalSortPass()(model)
     proto = ir.serde.serialize_model(model)
@@ -254,6 +259,20 @@ def _logit_values(model: ir.Model) -> list[ir.Value]:
     return found
 
 
+def _static(model: ir.Model, shapes: dict[str, tuple[int, ...]], trained: list[ir.Value]) -> None:
+    """Give every graph input its one shape and fold constants, so that shape arithmetic (Shape →
+    Gather → Concat → Reshape) becomes constant: onnxruntime-training 1.19's gradient graph mis-handles
+    it in the dynamic form (PP-OCR: "Can broadcast 0 by 0 or 1. 8 is invalid" at batch 8, SIGFPE at
+    batch 1). The ``trained`` initializers are graph inputs meanwhile, so they are not folded away."""
+    for value in model.graph.inputs:
+        if value.name in shapes:
+            value.shape = ir.Shape(shapes[value.name])
+    model.graph.inputs.extend(trained)
+    onnxscript.optimizer.fold_constants(model)
+    for value in trained:
+        model.graph.inputs.remove(value)
+
+
 def training_batches(state: CompileState, batch: int) -> list[dict[str, np.ndarray]]:
     """The calibration set in feeds of ``batch`` samples (where the batch axis is free), each with the
     fp32 model's float outputs as ``TARGET`` inputs: probabilities for class scores, else as given."""
@@ -266,6 +285,10 @@ def training_batches(state: CompileState, batch: int) -> list[dict[str, np.ndarr
                    for n, y, kind in zip(names, outputs, normalized)}
         batches.append({**feed, **targets})
     return batches
+
+
+def _shapes(batch: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {name: array.shape for name, array in batch.items()}
 
 
 @dataclass
@@ -300,8 +323,10 @@ class BiasTuningPass:
         for name in layers:
             sigma = np.sqrt(moments[name].var)
             spread[name] = np.maximum(sigma, 1e-3 * max(float(sigma.mean()), 1e-12))
-        proto, trainable = loss_graph(state, spread)
         batches = training_batches(state, self.batch)
+        # a last, smaller batch is left out, so that every input has one shape to specialize the graph to
+        batches = [b for b in batches if _shapes(b) == _shapes(batches[0])]
+        proto, trainable = loss_graph(state, spread, _shapes(batches[0]))
         holdout = min(round(len(batches) * self.holdout), len(batches) - 1)
         with engine.TrainingWorker(python) as worker:
             try:
