@@ -11,6 +11,10 @@ grids and emission, in the order given:
 * ``advanced`` — ``adaquant,bn-reestimate:layers=hidden,bias-correction``: AdaQuant (per-layer fit of
   weights, bias and steps, ``passes/adaquant.py``, sequential mode) followed by the light pipeline's
   corrections: on EfficientNet-Lite0 W4A8 fp32 top-1 agreement 0.677 (light: 0.604);
+* ``bias-tuning`` in a spec in place of ``bias-correction`` adds CalibTIP's bias tuning (bias
+  correction, then the biases trained on the outputs' KL to fp32 on onnxruntime-training,
+  ``passes/bias_tuning.py``); not in ``advanced``, as on EfficientNet-Lite0's calibration set it
+  fitted the three photos rather than the task (``benchmarks/results/results.md``);
 * a spec: comma-separated pass names, each optionally followed by ``:key=value`` options, e.g.
   ``bn-reestimate:target=bn,bias-correction``. Core pass names may be listed (they always run
   in place), so ``calibration`` alone is the pipeline without corrections.
