@@ -9,13 +9,21 @@ own quantize_static (QDQ, per-channel, u8s8, MinMax) on the same data is far bel
 
 import importlib
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 import onnxptq
 from examples.common import run_model
+from onnxptq.passes.bias_correction import BiasCorrectionPass
+from onnxptq.passes.bias_tuning import loss_graph, training_batches
+from onnxptq.passes.emission import emit_model
+from onnxptq.passes.sensitivity import float_outputs, output_distance
+from onnxptq.runtime import session
 from onnxptq.simulate import fused_codes
 from onnxptq.target import resolve_target
+from onnxptq.training import engine
 
 # example: (agreement key, bound with int32 kernels (VNNI/ARM), bound with int16-pair-safe weights (AVX2))
 CASES = {
@@ -74,3 +82,28 @@ def test_real_model_w4a4_integer_simulation(tmp_path):
     caps = [n.output[0] for n in q.graph.node if n.name.endswith("_cap")]
     codes = fused_codes(q, caps, {k: v[:1] for k, v in ex.calibration_set(2).items()})
     assert len(caps) > 50 and max(int(c.max()) for c in codes.values()) == 15
+
+
+@pytest.mark.slow
+@pytest.mark.training
+def test_bias_tuning_graph_is_the_emitted_model_on_ppocr(tmp_path):
+    """PP-OCRv4 W4A8 (HardSigmoid, dynamic shape arithmetic, Softmax outputs): the bias-tuning loss
+    graph, specialized to the batch shape and rewritten for onnxruntime-training, computes the emitted
+    QDQ model's mean KL to fp32 over the calibration batches, before any step."""
+    if engine.find_training_python() is None:
+        pytest.skip("no onnxruntime-training environment: `make .venv-training/.installed`")
+    ex = importlib.import_module("examples.ppocr_rec.example")
+    state = onnxptq.planned_state(ex.fp32_model(), ex.calibration_set(16), w_bits=4)
+    BiasCorrectionPass().run(state)
+    batches = training_batches(state, 8)
+    spread = {n: np.ones(layer.channels, np.float32) for n, layer in state.plan.layers.items() if layer.bias is not None}
+    proto, trainable = loss_graph(state, spread, {k: v.shape for k, v in batches[0].items()})
+    with engine.TrainingWorker(engine.find_training_python()) as worker:
+        _, info = worker.train_graph(proto.SerializeToString(), batches, list(trainable.values()), steps=0, lr=0.0,
+                                     holdout=0, check=1, seed=0)
+    names, normalized = float_outputs(state.model)
+    fp32 = session(ir.serde.serialize_model(state.model), level="basic")
+    emitted = session(ir.serde.serialize_model(emit_model(state.model, state.plan)), level="basic")
+    feeds = [{k: v for k, v in b.items() if not k.endswith(".target")} for b in batches]
+    want = np.mean([output_distance(fp32.run(names, f), emitted.run(names, f), normalized) for f in feeds])
+    assert info["before"] == pytest.approx(want, rel=1e-3)
