@@ -186,7 +186,7 @@ def test_specs_build_pass_lists():
     assert pipelines.build("light", PIPELINE)[at].layers == "hidden"
 
 
-@pytest.mark.parametrize("spec", ["light", "calibration", "bias-correction", "bn-reestimate"])
+@pytest.mark.parametrize("spec", ["light", "calibration", "bias-correction", "bn-reestimate", "bn-reestimate,bias-tuning"])
 def test_compile_with_each_pipeline(bn_model, spec):
     result = onnxptq.compile(bn_model[0], {"x": bn_model[1]}, pipeline=spec, target="ort-cpu-avx2")
     ran = [p["name"] for p in result.report["passes"]]
