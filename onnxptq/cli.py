@@ -92,7 +92,7 @@ def cli() -> None:
               "response (BitSplit), inputs from the quantized prefix; bitsplit-parallel: inputs from the fp32 model.")
 @click.option("--pipeline", default="light", show_default=True,
               help="Correction passes between the weight grids and emission: light (= bn-reestimate:layers=hidden,"
-              "bias-correction), advanced (adaquant, then light), or a spec of comma-separated passes, each with "
+              "bias-correction), advanced (= adaquant,bn-reestimate:layers=hidden,bias-tuning), or a spec of comma-separated passes, each with "
               "optional :key=value options, run in the order given: bn-reestimate[:target=fp32|bn][:layers=bn|hidden] "
               "(match the per-channel mean/std of each BN-folded, or each hidden, layer's output to the fp32 model's, "
               "or to the BN's β, |γ|), bias-correction (remove each layer's mean output error), "

@@ -350,10 +350,10 @@ def test_worker_processes_give_the_same_model(rng):
     assert one == two != rtn
 
 
-def test_advanced_pipeline_runs_adaquant_then_light():
+def test_advanced_pipeline_runs_adaquant_then_bn_reestimation_and_bias_tuning():
     names = [p.name for p in pipelines.build("advanced", PIPELINE)]
     at = names.index("adaquant")
-    assert names[at:at + 3] == ["adaquant", "bn-reestimate", "bias-correction"]
+    assert names[at:at + 3] == ["adaquant", "bn-reestimate", "bias-tuning"]
     aq = pipelines.build("adaquant:mode=sequential:iterations=7:lr_w=0.5", PIPELINE)[at]
     assert (aq.mode, aq.iterations, aq.lr_w) == ("sequential", 7, 0.5)
 
