@@ -127,7 +127,8 @@ CONFIGS = {
     "onnxptq W4A8 +bn": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=hidden"}),
     "onnxptq W4A8 +bn+bias": (_compile_onnxptq, {"w_bits": 4, "pipeline": "light"}),
     "onnxptq W4A8 +bn(target=bn)": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=bn:target=bn"}),
-    # bias tuning in place of bias correction (needs `make .venv-training/.installed`), light and advanced
+    # bias tuning in place of bias correction (needs `make .venv-training/.installed`), light and advanced;
+    # "advanced+tuning" is what "advanced" became at 56628ee (before, it ended with bias correction)
     "onnxptq W4A8 +bn+tuning": (_compile_onnxptq, {"w_bits": 4, "pipeline": "bn-reestimate:layers=hidden,bias-tuning"}),
     "onnxptq W4A8 advanced+tuning": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant,bn-reestimate:layers=hidden,"
                                                                                  "bias-tuning"}),
