@@ -157,6 +157,8 @@ CONFIGS = {
                                                                 "pipeline": pipeline})
        for label, pipeline in (("no corrections", "calibration"), ("+bn", "bn-reestimate:layers=hidden"),
                                ("+bias", "bias-correction"), ("advanced", "advanced"))},
+    "onnxptq mixed size 0.16 advanced": (_compile_onnxptq, {"size_ratio": 0.16, "target": "ort-cpu-size",
+                                                            "pipeline": "advanced"}),
     "onnxptq mixed bops 0.03125": (_compile_onnxptq, {"bops_ratio": 1 / 32}),  # uniform W4A8's BOPs (4·8/32²)
     **{f"onnxptq W4A8 advanced {n} it": (
         _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"
