@@ -135,7 +135,8 @@ def _rounded(graph: ir.Graph, b: ir.Value, step: np.ndarray) -> ir.Value:
     s = add_initializer(graph, "tuning.step", step.astype(np.float32))
     up, down = (add_initializer(graph, "tuning.pow", np.array(v, np.float32)) for v in (2.0**40, 2.0**-40))
     r = _op(graph, "Div", b, s)
-    scaled = _op(graph, "Cast", _op(graph, "Mul", _op(graph, "Sub", _op(graph, "Round", r), r), up), to=ir.DataType.INT64)
+    delta = _op(graph, "Sub", _op(graph, "Round", r), r)
+    scaled = _op(graph, "Cast", _op(graph, "Mul", delta, up), to=ir.DataType.INT64)
     offset = _op(graph, "Mul", _op(graph, "Cast", scaled, to=ir.DataType.FLOAT), down)
     return _op(graph, "Mul", _op(graph, "Add", r, offset), s)
 
@@ -334,7 +335,8 @@ class BiasTuningPass:
                                                    steps=self.steps, lr=self.lr, holdout=holdout, check=self.check,
                                                    seed=state.options.seed)
             except RuntimeError as exc:
-                state.report.note(self.name, f"onnxruntime-training could not train the graph (…{str(exc).strip()[-160:]}): "
+                why = str(exc).strip()[-160:]
+                state.report.note(self.name, f"onnxruntime-training could not train the graph (…{why}): "
                                              "biases as bias correction left them, not tuned")
                 return
         kept = info["step"] > 0

@@ -3,10 +3,11 @@ onnx < 1.17, numpy; never torch), started by ``engine`` as ``python worker.py KE
 is the path of ``kernels/adaquant.py`` (loaded by path: the onnxptq package and its dependencies are
 not installed here). It reads one job per line on stdin (``protocol``) and answers one line per job.
 
-Jobs are AdaQuant layers or whole loss graphs (``train_graph``: bias tuning). Per layer: the loss graph of ``layer_graph``, its training artifacts (gradient graph and an AdamW
-optimizer, set to PyTorch's Adam: bias-corrected m̂ and v̂, ε added to √v̂, no weight decay, the numpy
-engine's β₁, β₂), then ``kernels.adaquant.fit`` with this engine's ``OrtTrainer`` in place of the numpy
-one: the minibatch draws, the probe, the iterate kept and the final check are the numpy engine's code.
+Jobs are AdaQuant layers or whole loss graphs (``train_graph``: bias tuning). Per layer: the loss
+graph of ``layer_graph``, its training artifacts (gradient graph and an AdamW optimizer, set to
+PyTorch's Adam: bias-corrected m̂ and v̂, ε added to √v̂, no weight decay, the numpy engine's β₁, β₂),
+then ``kernels.adaquant.fit`` with this engine's ``OrtTrainer`` in place of the numpy one: the
+minibatch draws, the probe, the iterate kept and the final check are the numpy engine's code.
 """
 
 from __future__ import annotations
