@@ -179,12 +179,18 @@ def _differentiable(graph: ir.Graph, opset: int) -> None:
         graph.remove(node, safe=True)
 
 
+def _int32_bias(layer: LayerPlan, plan: QuantPlan) -> tuple[np.ndarray, np.ndarray] | None:
+    """``emission.int32_bias`` (codes, step) where emission writes the bias as int32, None where it
+    stays float (a layer with a float input: int4 MatMulNBits)."""
+    return int32_bias(layer, plan) if layer.activation_input and not layer.grid.block_size else None
+
+
 def _emitted_bias(layer: LayerPlan, plan: QuantPlan) -> np.ndarray:
-    """The bias values the emitted layer adds: its int32 codes times their step, or the float bias of a
-    layer with a float input (int4 MatMulNBits)."""
-    if not layer.activation_input or layer.grid.block_size:
+    """The bias values the emitted layer adds: its int32 codes times their step, or its float bias."""
+    coded = _int32_bias(layer, plan)
+    if coded is None:
         return layer.bias.astype(np.float32)
-    codes, step = int32_bias(layer, plan)
+    codes, step = coded
     return (codes * step.astype(np.float64)).astype(np.float32)
 
 
@@ -213,14 +219,15 @@ def loss_graph(state: CompileState, spread: dict[str, np.ndarray], shapes: dict[
         sigma = add_initializer(graph, f"{name}.tuning.sigma", spread[name].astype(np.float32))
         b0 = add_initializer(graph, f"{name}.tuning.bias", layer.bias.astype(np.float32))
         bias = _op(graph, "Add", b0, _op(graph, "Mul", sigma, u))
-        if layer.activation_input and not layer.grid.block_size:
-            bias = _rounded(graph, bias, int32_bias(layer, plan)[1])
+        coded = _int32_bias(layer, plan)
+        if coded is not None:
+            bias = _rounded(graph, bias, coded[1])
         node.replace_input_with(2, bias)
     for name, table in plan.tables.items():
         nodes[name].replace_input_with(0, add_initializer(graph, f"{name}.tuning.table", table.dequantized()))
     _fake_quantize_activations(graph, plan)
-    _differentiable(graph, model.opset_imports.get("", 1))
     opset = model.opset_imports.get("", 1)
+    _differentiable(graph, opset)
     names, normalized = float_outputs(state.model)
     terms = []
     for output, name, kind in zip([v for v in graph.outputs if v.dtype == ir.DataType.FLOAT], names, normalized):

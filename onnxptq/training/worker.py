@@ -138,11 +138,12 @@ def train_graph(job: dict) -> str:
         module.train()
         return value
 
-    def snapshot(step: int) -> dict:
-        return {"step": step, "judged": overall(judged), "fitted": overall(fitted),
+    def snapshot(step: int, judged_loss: float) -> dict:
+        """The state at ``step``; the fitted batches' loss is only measured for a kept iterate."""
+        return {"step": step, "judged": judged_loss, "fitted": overall(fitted),
                 "values": {name: np.array(state.parameters[name].data) for name in trainable}}
 
-    first = best = snapshot(0)
+    first = best = snapshot(0, overall(judged))
     draws = np.random.default_rng(job["seed"]).integers(len(fitted), size=job["steps"])
     module.train()
     for step, i in enumerate(draws, 1):
@@ -150,17 +151,18 @@ def train_graph(job: dict) -> str:
         optimizer.step()
         module.lazy_reset_grad()
         if step % job["check"] == 0 or step == len(draws):
-            now = snapshot(step)
-            if now["judged"] < best["judged"]:
-                best = now
+            now = overall(judged)
+            if now < best["judged"]:
+                best = snapshot(step, now)
     info = {"before": first["judged"], "after": best["judged"], "fitted_before": first["fitted"],
             "fitted_after": best["fitted"], "step": best["step"], "seconds": time.perf_counter() - start}
     return protocol.write_trained(folder, best["values"], info)
 
 
 def run(kernel: types.ModuleType, line: str) -> str:
-    if json.loads(line).get("kind") == "graph":
-        return train_graph(protocol.read_graph_job(json.loads(line)))
+    decoded = json.loads(line)
+    if decoded.get("kind") == "graph":
+        return train_graph(protocol.read_graph_job(decoded))
     job = protocol.read_job(line, kernel.LayerProblem, LayerOp, kernel.Settings)
     start = time.perf_counter()
     problem, folder = job["problem"], job["folder"]
