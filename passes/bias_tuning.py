@@ -40,6 +40,7 @@ import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
 from onnxptq import runtime
+from onnxptq.errors import InputError
 from onnxptq.graph import add_initializer, attr
 from onnxptq.kernels.quant import fake_quantize
 from onnxptq.metrics import log_probabilities
@@ -310,6 +311,13 @@ class BiasTuningPass:
     holdout: float = 0.25
     check: int = 20
     name: ClassVar[str] = "bias-tuning"
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or min(self.batch, self.check) < 1 or not self.lr > 0:
+            raise InputError(f"bias-tuning: steps must be ≥ 0, batch and check ≥ 1, lr > 0; got steps={self.steps}, "
+                             f"batch={self.batch}, check={self.check}, lr={self.lr}")
+        if not 0 <= self.holdout < 1:
+            raise InputError(f"bias-tuning: holdout is a fraction of the batches in [0, 1); got {self.holdout}")
 
     def run(self, state: CompileState) -> None:
         BiasCorrectionPass().run(state)

@@ -16,6 +16,7 @@ from onnxptq.passes.bias_correction import BiasCorrectionPass
 from onnxptq.passes.bias_tuning import BiasTuningPass, _differentiable, loss_graph, training_batches
 from onnxptq.passes.emission import emit_model
 from onnxptq.training import engine
+from test_bad_input import assert_bad, run_cli
 from test_corrections import planned
 
 requires_training = pytest.mark.skipif(engine.find_training_python() is None, reason=(
@@ -99,3 +100,11 @@ def test_ops_without_gradients_are_rewritten_into_ops_with_them_and_the_same_val
     got = runtime.session(ir.serde.serialize_model(rewritten)).run(None, {"x": x})
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("option", ["steps=-1", "batch=0", "check=0", "lr=0", "holdout=1", "holdout=-0.5"])
+def test_bad_options_are_one_line_errors(option, cnn_files, tmp_path, capsys):
+    model, calib = cnn_files
+    assert_bad(*run_cli(["compile", model, "--calib", calib, "-o", str(tmp_path / "q.onnx"),
+                         "--pipeline", f"bias-tuning:{option}"], capsys), "bias-tuning", option.split("=")[0])
+    assert not (tmp_path / "q.onnx").exists()
