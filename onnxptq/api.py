@@ -93,7 +93,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, calib: Any, output: str 
     holdout = default_holdout(len(data)) if opts.holdout is None else opts.holdout
     calib_set, held = data.split(holdout)
     state = CompileState(source=source, model=to_ir(source), options=opts, calib=calib_set, holdout=held,
-                         progress=progress or Progress())
+                         progress=progress or Progress(),
+                         corrections=[p for p in passes if p.name in pipelines.CORRECTIONS])
     state.report.model = model_summary(source, path)
     state.report.options = opts.to_dict()
     run_passes(state, passes, PassEffects() if opts.pass_effects else None)

@@ -115,6 +115,7 @@ class CompileState:
     output: onnx.ModelProto | None = None
     fused: onnx.ModelProto | None = None
     reference: list[np.ndarray] | None = None  # the fp32 model's outputs on the verification samples
+    corrections: list[Any] = field(default_factory=list)  # the pipeline's correction passes, in order
 
 
 def run_passes(state: CompileState, passes: Iterable[Any],

@@ -87,33 +87,48 @@ class BNReestimatePass:
             raise InputError("bn-reestimate: layers=hidden needs target=fp32 (layers without a BatchNormalization "
                              "have no β, γ to aim at)")
 
-    def run(self, state: CompileState) -> None:
+    def layers_of(self, state: CompileState) -> list[str]:
+        """The layers this pass re-standardizes, in plan order (a zero bias given where one can be)."""
         if self.layers == "bn":
             chosen = {name for name, layer in state.plan.layers.items() if layer.bn is not None}
         else:
             chosen = hidden_layers(state.model.graph, state.plan.layers)
-        layers = [name for name, layer in state.plan.layers.items()
-                  if name in chosen and layer.grid.block_size is None and give_bias(state, layer)]
+        return [name for name, layer in state.plan.layers.items()
+                if name in chosen and layer.grid.block_size is None and give_bias(state, layer)]
+
+    def targets(self, state: CompileState, layers: list[str],
+                fp32: dict[str, ChannelMoments] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per layer the (mean, std) its output is mapped to: the fp32 output's (``fp32``, measured on
+        the whole calibration set if not given) or the folded BN's."""
+        if self.target == "bn":
+            return {name: bn_targets(state.plan.layers[name].bn) for name in layers}
+        fp32 = fp32_moments(state, layers) if fp32 is None else fp32
+        return {name: (fp32[name].mean, fp32[name].std) for name in layers}
+
+    @staticmethod
+    def restandardize(state: CompileState, layer: LayerPlan, measured: ChannelMoments,
+                      target: tuple[np.ndarray, np.ndarray]) -> None:
+        """Fold y' = a·y + c into ``layer`` (module doc), mapping its ``measured`` moments to ``target``."""
+        mean, std = target
+        a = standardizing_scale(measured.std, std, CONSTANT * float(np.sqrt(np.mean(std**2))))
+        # A channel whose target spread is ~0 would get a vanishing weight scale and an int32 bias
+        # b' ≈ m_t at scale s_x·a·s_w out of range: keep the weights pass's headroom |b'| ≤ 2³⁰·s_x·s_w'.
+        s_x = float(state.plan.act_params(layer.input_name)[0])
+        a = np.maximum(a, np.abs(mean) / (2.0**30 * s_x * layer.grid.scale.astype(np.float64)))
+        rescale_layer(layer, a, mean - a * measured.mean)
+
+    def run(self, state: CompileState) -> None:
+        layers = self.layers_of(state)
         if not layers:
             state.report.note(self.name, f"no layers to re-standardize (layers={self.layers}; layers=hidden "
                                          "takes every layer that feeds another)")
             return
-        if self.target == "fp32":
-            reference = fp32_moments(state, layers)
-            targets = {name: (m.mean, m.std) for name, m in reference.items()}
-        else:
-            targets = {name: bn_targets(state.plan.layers[name].bn) for name in layers}
+        targets = self.targets(state, layers)
         ratios: list[float] = []
 
         def correct(layer: LayerPlan, measured: ChannelMoments) -> None:
-            mean, std = targets[layer.node]
-            a = standardizing_scale(measured.std, std, CONSTANT * float(np.sqrt(np.mean(std**2))))
-            # A channel whose target spread is ~0 would get a vanishing weight scale and an int32 bias
-            # b' ≈ m_t at scale s_x·a·s_w out of range: keep the weights pass's headroom |b'| ≤ 2³⁰·s_x·s_w'.
-            s_x = float(state.plan.act_params(layer.input_name)[0])
-            a = np.maximum(a, np.abs(mean) / (2.0**30 * s_x * layer.grid.scale.astype(np.float64)))
-            rescale_layer(layer, a, mean - a * measured.mean)
-            ratios.extend((measured.std / np.maximum(std, 1e-12)).tolist())
+            ratios.extend((measured.std / np.maximum(targets[layer.node][1], 1e-12)).tolist())
+            self.restandardize(state, layer, measured, targets[layer.node])
 
         runs = in_depth_order(state, layers, correct, "BN re-estimation")
         p5, p50, p95 = np.percentile(ratios, [5, 50, 95])

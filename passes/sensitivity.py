@@ -17,6 +17,12 @@ no run, and ΔL(l, c) contains no interaction with the other layers' rounding �
 integer program's additivity assumes; ``Probe.distance`` with every chosen candidate at once measures
 how far that assumption holds.
 
+The corrections that run after the program change a layer too: BN re-estimation maps each hidden
+layer's per-channel output moments to fp32's, y' = a·y + c, and repairs much of what rounding costs
+(``passes/mixed.py`` measures such layers corrected). For that a probe can *observe* a layer — its
+output is also a graph output — and takes a bias along with the weight (``Change``): one run gives the
+quantized layer's output moments over the subset, a second the outputs with a·ŵ and a·b + c.
+
 How, cheaply: no emission and no integer kernels, one probe model per layer. In layer l's probe its
 weight is a graph input and its input x becomes x + m·(DQ(Q(x)) − x) with a scalar input m ∈ {0, 1};
 every other weight stays a constant, so onnxruntime pre-packs those layers as in the fp32 model. Each
@@ -28,7 +34,9 @@ pre-packed: it serves the one joint run of the additivity check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -37,8 +45,10 @@ import onnx_ir.passes.common as common
 from onnxptq import runtime
 from onnxptq.data import CalibrationSet
 from onnxptq.graph import add_initializer
+from onnxptq.kernels.moments import ChannelMoments
 from onnxptq.metrics import cosine, mean_kl
 from onnxptq.passes.calibration import with_outputs
+from onnxptq.passes.layer_moments import output_channel_axis
 from onnxptq.plan import LayerPlan, QuantPlan, TablePlan
 
 SAMPLES = 16  # calibration samples ΔL is measured on (the first ones; all if fewer): ≈ 1 s per
@@ -71,34 +81,54 @@ def _fake_quantized_input(graph: ir.Graph, node: ir.Node, scale: np.float32, zer
     return mask.name
 
 
+class Change(NamedTuple):
+    """A layer as a probe runs it: weight ŵ (a table's T̂), whether its input is quantized, and its
+    bias (None: the fp32 model's)."""
+
+    weight: np.ndarray
+    quantize_input: bool
+    bias: np.ndarray | None = None
+
+
 @dataclass
 class Probe:
     """A probe session over a fixed sample subset, with the fp32 reference outputs.
 
-    ``weights``/``masks``: layer → input name of its weight / of its input-quantization switch (no
-    switch when the input is not quantized in the plan).
+    ``weights``/``biases``/``masks``: layer → input name of its weight / of its bias (where it has
+    one) / of its input-quantization switch (none when the input is not quantized in the plan); ``observed``: layer → its output, also a
+    graph output.
     """
 
     session: object
     feeds: list[dict[str, np.ndarray]]
     base: dict[str, np.ndarray]
     weights: dict[str, str]
+    biases: dict[str, str]
     masks: dict[str, str]
     reference: "Reference"
+    observed: dict[str, str] = field(default_factory=dict)  # layer → name of its output, where observed
 
-    def run(self, layers: dict[str, tuple[np.ndarray, bool]]) -> list[np.ndarray]:
-        """The float outputs over the subset with each named layer's weight replaced and, if its flag
-        is set, its input quantized."""
+    def run(self, layers: dict[str, Change], also: Sequence[str] = ()) -> list[np.ndarray]:
+        """The float outputs over the subset with each named layer changed (``Change``); then the
+        values named in ``also`` (``build_probe``'s ``observe``)."""
         changed = {}
-        for name, (weight, quantize_input) in layers.items():
-            changed[self.weights[name]] = weight
+        for name, change in layers.items():
+            changed[self.weights[name]] = change.weight
+            if change.bias is not None:
+                changed[self.biases[name]] = change.bias
             if name in self.masks:
-                changed[self.masks[name]] = np.array(1.0 if quantize_input else 0.0, np.float32)
-        names = self.reference.names
+                changed[self.masks[name]] = np.array(1.0 if change.quantize_input else 0.0, np.float32)
+        names = [*self.reference.names, *also]
         chunks = [self.session.run(names, {**feed, **self.base, **changed}) for feed in self.feeds]
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
 
-    def distance(self, layers: dict[str, tuple[np.ndarray, bool]]) -> float:
+    def output_moments(self, layer: LayerPlan) -> ChannelMoments:
+        """Per-channel moments over the subset of ``layer``'s output (observed) with it changed as planned."""
+        moments = ChannelMoments(output_channel_axis(layer))
+        moments.update(self.run({layer.node: layer_change(layer)}, [self.observed[layer.node]])[-1])
+        return moments
+
+    def distance(self, layers: dict[str, Change]) -> float:
         """Σ over outputs of the distance to fp32 (module doc) with ``layers`` changed as in ``run``."""
         return output_distance(self.reference.outputs, self.run(layers), self.reference.normalized)
 
@@ -147,31 +177,45 @@ def reference(model: ir.Model, plan: QuantPlan, data: CalibrationSet, threads: i
     return Reference(names, normalized, outputs, feeds, macs)
 
 
-def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Reference, threads: int = 0) -> Probe:
+def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Reference, threads: int = 0,
+                observe: Sequence[str] = ()) -> Probe:
     """The probe over the fused fp32 ``model`` (left unchanged) in which the named ``layers`` (or
-    lookup tables) of ``plan`` are variable."""
+    lookup tables) of ``plan`` are variable and the outputs of the ``observe`` layers can be read."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     graph = copy.graph
     nodes = {n.name: n for n in graph}
-    weights, masks, base = {}, {}, {}
+    weights, biases, masks, base = {}, {}, {}, {}
+
+    def variable(node: ir.Node, index: int, value: np.ndarray, role: str) -> str:
+        """Make ``node``'s input ``index`` a graph input, fed ``value`` unless changed; its name."""
+        v = ir.Value(name=f"{node.name}.probe.{role}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(value.shape))
+        graph.inputs.append(v)
+        node.replace_input_with(index, v)
+        base[v.name] = value
+        return v.name
+
     for name in layers:
         node = nodes[name]
-        # a table is the Gather's data (input 0), a layer's weight its input 1
-        index, value = (0, plan.tables[name].table) if name in plan.tables else (1, plan.layers[name].weight)
-        w = ir.Value(name=f"{name}.probe.weight", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(value.shape))
-        graph.inputs.append(w)
-        node.replace_input_with(index, w)
-        weights[name], base[w.name] = w.name, value
-        if index == 1 and node.inputs[0].name in plan.activations:
+        if name in plan.tables:  # a table is the Gather's data (input 0)
+            weights[name] = variable(node, 0, plan.tables[name].table, "weight")
+            continue
+        weights[name] = variable(node, 1, plan.layers[name].weight, "weight")
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            biases[name] = variable(node, 2, node.inputs[2].const_value.numpy(), "bias")
+        if node.inputs[0].name in plan.activations:
             scale, zero_point = plan.act_params(node.inputs[0].name)
             masks[name] = _fake_quantized_input(graph, node, scale, zero_point)
             base[masks[name]] = np.array(0.0, np.float32)
+    observed = {name: nodes[name].outputs[0].name for name in observe}
+    graph.outputs.extend(nodes[name].outputs[0] for name in observe)
     common.RemoveUnusedNodesPass()(copy)  # the replaced weight initializers
     session = runtime.session(ir.serde.serialize_model(copy), threads=threads, level="all")
-    return Probe(session, ref.feeds, base, weights, masks, ref)
+    return Probe(session, ref.feeds, base, weights, biases, masks, ref, observed)
 
 
-def layer_change(layer: LayerPlan | TablePlan) -> tuple[np.ndarray, bool]:
-    """What the probe changes for ``layer`` as planned: its ŵ (a table's T̂), and whether its input is
-    quantized (a table has none)."""
-    return layer.dequantized(), isinstance(layer, LayerPlan) and layer.activation_input
+def layer_change(layer: LayerPlan | TablePlan) -> Change:
+    """What the probe changes for ``layer`` as planned: its ŵ (a table's T̂), whether its input is
+    quantized (a table has none) and its bias."""
+    if isinstance(layer, TablePlan):
+        return Change(layer.dequantized(), False)
+    return Change(layer.dequantized(), layer.activation_input, layer.bias)
