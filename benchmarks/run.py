@@ -108,12 +108,15 @@ CONFIGS = {
     "onnxptq W4A8 size all layers": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size", "first_last_8bit": False}),
     "onnxptq W4A8 size all layers advanced": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size",
                                                                  "first_last_8bit": False, "pipeline": "advanced"}),
+    "onnxptq W4A8 size all layers bitsplit": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size",
+                                                                 "first_last_8bit": False, "weight_solver": "bitsplit"}),
     "onnxptq W4A4 size": (_compile_onnxptq, {"w_bits": 4, "a_bits": 4, "target": "ort-cpu-size"}),
     "onnxptq W3A8": (_compile_onnxptq, {"w_bits": 3}),
     "onnxptq W3A8 bitsplit": (_compile_onnxptq, {"w_bits": 3, "weight_solver": "bitsplit"}),
     "onnxptq W2A8": (_compile_onnxptq, {"w_bits": 2}),
     "onnxptq W2A8 bitsplit": (_compile_onnxptq, {"w_bits": 2, "weight_solver": "bitsplit"}),
-    **{f"onnxptq W{b}A8 bitsplit parallel": (_compile_onnxptq, {"w_bits": b, "weight_solver": "bitsplit-parallel"})
+    # rows before session 8 named "bitsplit" ran what is now bitsplit-sequential
+    **{f"onnxptq W{b}A8 bitsplit sequential": (_compile_onnxptq, {"w_bits": b, "weight_solver": "bitsplit-sequential"})
        for b in (2, 3, 4)},
     "onnxptq W8A8 no corrections": (_compile_onnxptq, {"pipeline": "calibration"}),
     "onnxptq W8A8 +bias": (_compile_onnxptq, {"pipeline": "bias-correction"}),
@@ -159,6 +162,8 @@ CONFIGS = {
                                ("+bias", "bias-correction"), ("advanced", "advanced"))},
     "onnxptq mixed size 0.16 advanced": (_compile_onnxptq, {"size_ratio": 0.16, "target": "ort-cpu-size",
                                                             "pipeline": "advanced"}),
+    **{f"onnxptq mixed size {r} bitsplit": (_compile_onnxptq, {"size_ratio": r, "target": "ort-cpu-size",
+                                                               "weight_solver": "bitsplit"}) for r in (0.13, 0.16)},
     "onnxptq mixed bops 0.03125": (_compile_onnxptq, {"bops_ratio": 1 / 32}),  # uniform W4A8's BOPs (4·8/32²)
     **{f"onnxptq W4A8 advanced {n} it": (
         _compile_onnxptq, {"w_bits": 4, "pipeline": f"adaquant:iterations={n},"

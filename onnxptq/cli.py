@@ -87,9 +87,9 @@ def cli() -> None:
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
 @click.option("--weight-method", type=click.Choice(["minmax", "mse"]), default="mse", show_default=True,
               help="How per-channel weight scales are chosen.")
-@click.option("--weight-solver", type=click.Choice(["rtn", "bitsplit", "bitsplit-parallel"]), default="rtn",
+@click.option("--weight-solver", type=click.Choice(["rtn", "bitsplit", "bitsplit-sequential"]), default="rtn",
               show_default=True, help="rtn: round to nearest; bitsplit: fit 2–4-bit weights to each layer's "
-              "response (BitSplit), inputs from the quantized prefix; bitsplit-parallel: inputs from the fp32 model.")
+              "response to fp32 inputs (BitSplit); bitsplit-sequential: to inputs from the quantized prefix.")
 @click.option("--pipeline", default="light", show_default=True,
               help="Correction passes between the weight grids and emission: light (= bn-reestimate:layers=hidden,"
               "bias-correction), advanced (= adaquant,bn-reestimate:layers=hidden,bias-tuning), or a spec of comma-separated passes, each with "

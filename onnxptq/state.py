@@ -26,7 +26,7 @@ class CompileOptions:
     calib_method: str = "mse"
     percentile: float = 99.999
     weight_method: str = "mse"
-    weight_solver: str = "rtn"  # rtn (round-to-nearest), bitsplit or bitsplit-parallel (passes/bitsplit.py)
+    weight_solver: str = "rtn"  # rtn (round-to-nearest), bitsplit or bitsplit-sequential (passes/bitsplit.py)
     exclude: str | None = None
     target: str = "ort-cpu"
     seed: int = 0

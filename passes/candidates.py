@@ -72,8 +72,9 @@ def budget_of(options: CompileOptions) -> str | None:
                          else f"{flags} must be positive")
     if options.w_bits != 8:
         raise InputError(f"{flags} picks each layer's bits from --candidates; leave --w-bits at 8")
-    if options.weight_solver != "rtn":
-        raise InputError(f"{flags} cannot be combined with --weight-solver {options.weight_solver} yet; use rtn")
+    if options.weight_solver not in ("rtn", "bitsplit"):
+        raise InputError(f"{flags} cannot be combined with --weight-solver {options.weight_solver}; use rtn or "
+                         "bitsplit")
     parse_candidates(options.candidates)
     return given[0]
 

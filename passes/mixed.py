@@ -38,6 +38,10 @@ float being offered only to layers that selection can keep float alone (``alone_
 with the calibrated ranges and the grids fitted for the sensitivity. Layers that can take a bias
 (Conv, Gemm) get a zero one first, so the byte count holds whatever corrections add later.
 
+With ``--weight-solver bitsplit`` every 2–4-bit candidate is its BitSplit fit (``passes/bitsplit.py``,
+parallel mode: one capture of the fp32 responses serves every width): measured, priced and, where
+chosen, emitted as such (``replan`` carries a fit's weights and bias along with its grid).
+
 Lookup tables (``plan.tables``, embeddings read by Gather) are rows of the program too: at a
 candidate of 8 or 4 weight bits the table is stored at that width (``passes/tables.py``), at float
 float; the other candidates are not offered. Its ΔL is measured like a layer's (the table replaced by
@@ -67,7 +71,9 @@ from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
 from onnxptq.latency_table import layer_latencies
+from onnxptq.capture import response_stats
 from onnxptq.passes.bias_correction import give_bias
+from onnxptq.passes.bitsplit import BITS, MAX_ROWS, solve_layer
 from onnxptq.passes.bn_reestimate import BNReestimatePass
 from onnxptq.passes.candidates import FLOAT_BITS, Candidate, budget_of, dominated, parse_candidates
 from onnxptq.pareto import write_sweep
@@ -135,8 +141,8 @@ def replan(state: CompileState, old: QuantPlan, chosen: dict[str, LayerPlan | Ta
         # a tensor that was tied (say a Reshape after a layer now kept float) takes its old root's range
         source = old.root(name)
         act.lo, act.hi = source.lo, source.hi
-    for name, layer in state.plan.layers.items():
-        layer.grid = dataclasses.replace(grids[name].grid)
+    for name, layer in state.plan.layers.items():  # a weight solver's fit: its weights, bias and grid
+        layer.weight, layer.bias, layer.grid = grids[name].weight, grids[name].bias, dataclasses.replace(grids[name].grid)
     tables = {name: chosen.get(name, table) for name, table in old.tables.items()}
     state.plan.tables = {name: table for name, table in tables.items() if table is not None}
 
@@ -383,6 +389,12 @@ class MixedPrecisionPass:
                                    attr(node, "group", 1))
                 row.append(copy)
             fitted[layer.node] = row
+        if state.options.weight_solver == "bitsplit":
+            solved = [f for row in fitted.values() for f in row if f is not None and f.grid.bits in BITS]
+            stats = response_stats(state, [l for l in layers if any(f.node == l.node for f in solved)], MAX_ROWS)
+            kept = sum(solve_layer(state, f, stats[f.node])["kept"] for f in solved)
+            state.report.note(MixedPrecisionPass.name, f"bitsplit: {kept} of {len(solved)} 2–4-bit candidates "
+                                                       "written, the others keep round-to-nearest")
         return fitted
 
     @staticmethod

@@ -271,7 +271,7 @@ def smooth_images(rng, n):
     return (x + 0.5 * x.mean(axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("bits,solver", [(4, "bitsplit"), (3, "bitsplit"), (2, "bitsplit"), (2, "bitsplit-parallel")])
+@pytest.mark.parametrize("bits,solver", [(4, "bitsplit"), (3, "bitsplit"), (2, "bitsplit"), (2, "bitsplit-sequential")])
 def test_compile_bitsplit_beats_round_to_nearest(rng, bits, solver):
     """Output SQNR vs fp32 on 100 unseen images (measured over seeds 0–3 in parallel mode, before the
     sequential mode existed: BitSplit +3 to +7 dB)."""
@@ -416,7 +416,7 @@ def test_levels_that_raise_the_models_output_error_are_put_back(rng, monkeypatch
     rtn = onnxptq.compile(model, {"x": x}, **options).model
     monkeypatch.setattr(bitsplit_pass, "solve", flipped)
     monkeypatch.setattr(bitsplit_pass, "write_if_better", always)
-    result = onnxptq.compile(model, {"x": x}, weight_solver="bitsplit", **options)
+    result = onnxptq.compile(model, {"x": x}, weight_solver="bitsplit-sequential", **options)
     rows = next(p for p in result.report["passes"] if p["name"] == "bitsplit")["layers"]
     assert [(r["node"], r["kept"], r.get("reverted")) for r in rows] == [
         ("conv1", False, True), ("conv2", False, True), ("conv3", False, True)]

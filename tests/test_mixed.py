@@ -287,7 +287,7 @@ def test_bops_and_max_drop_budgets(mlp_data, tmp_path):
     ({"size_ratio": 0.2, "max_drop": 0.1}, "give one mixed-precision budget"),
     ({"size_ratio": 1.5}, "must be in"),
     ({"bops_ratio": 0.1, "w_bits": 4}, "leave --w-bits at 8"),
-    ({"max_drop": 0.1, "weight_solver": "bitsplit"}, "--weight-solver"),
+    ({"max_drop": 0.1, "weight_solver": "bitsplit-sequential"}, "use rtn or bitsplit"),
     ({"max_drop": 0.1, "candidates": "w9"}, "--candidates"),
 ])
 def test_bad_mixed_options(mlp_data, options, message):
@@ -463,3 +463,33 @@ def test_latency_budget_reads_its_table_back(mlp_data, tmp_path, monkeypatch):
     other.write_text(json.dumps({**written, "model": "0" * 64}))
     with pytest.raises(InputError, match="another model or target"):
         onnxptq.compile(model, calib, None, latency_ratio=0.5, **{**options, "latency_table": str(other)})
+
+
+def test_bitsplit_solves_every_low_bit_candidate_and_the_choice_keeps_its_fit(rng, monkeypatch):
+    """With ``--weight-solver bitsplit`` each 2–4-bit candidate is its BitSplit fit: priced so, and the
+    chosen ones emitted so (re-planning carries their weights and biases, not only their grids). Same
+    choices as round to nearest here, and the emitted model is closer to fp32 on unseen inputs."""
+    import onnxptq.passes.mixed as mixed_pass
+    from onnxptq.passes.emission import EmissionPass
+
+    solved, emitted = [], []
+    solve = mixed_pass.solve_layer
+    monkeypatch.setattr(mixed_pass, "solve_layer", lambda state, layer, stats: (solved.append(layer),
+                                                                                solve(state, layer, stats))[1])
+    emit = EmissionPass.run
+    monkeypatch.setattr(EmissionPass, "run", lambda self, state: (emitted.append(state.plan), emit(self, state))[1])
+    model = mlp(rng)
+    calib, test = (rng.standard_normal((n, 48)).astype(np.float32) for n in (512, 256))  # ≥ 2 rows per weight
+    options = dict(size_ratio=0.2, target="ort-cpu-size", pipeline="calibration", holdout=0, pass_effects=False)
+    results = {s: onnxptq.compile(model, {"x": calib}, weight_solver=s, **options) for s in ("rtn", "bitsplit")}
+    choices = {s: [l["choice"] for l in r.report["mixed"]["layers"]] for s, r in results.items()}
+    assert choices["rtn"] == choices["bitsplit"] and any(c in ("w2a8", "w4a8") for c in choices["rtn"])
+    low = {n: l for n, l in emitted[-1].layers.items() if l.grid.bits < 8}
+    assert low and {l.grid.bits for l in solved} == {2, 3, 4}
+    for name, layer in low.items():
+        fit = next(f for f in solved if f.node == name and f.grid.bits == layer.grid.bits)
+        np.testing.assert_array_equal(layer.dequantized(), fit.dequantized())
+    ref = runtime.session(model).run(None, {"x": test})[0]
+    error = {s: float(((runtime.session(r.model).run(None, {"x": test})[0] - ref) ** 2).sum())
+             for s, r in results.items()}
+    assert error["bitsplit"] < error["rtn"], error
