@@ -57,11 +57,19 @@ def test_the_loss_graph_is_the_emitted_models_kl_and_training_lowers_it_on_held_
     assert info["before"] == info["after"] == pytest.approx(emitted_kl(state, x, "basic"), rel=1e-4)
 
     tuned, _ = cnn_state()
-    BiasTuningPass(steps=100, lr=0.01, check=10).run(tuned)
+    BiasTuningPass(steps=100, lr=0.01, check=10, margin=0.0).run(tuned)
     note = next(p for p in tuned.report.passes if p["name"] == "bias-tuning")["notes"][0]
     assert "on 1 held-out batches" in note and "kept" in note, note
     assert emitted_kl(tuned, x[32:]) < corrected
     np.testing.assert_array_equal(tuned.plan.layers["fc"].bias, state.plan.layers["fc"].bias)
+
+    # the same training asked to lower the held-out loss by 99%: put back, bias correction's biases
+    strict, _ = cnn_state()
+    BiasTuningPass(steps=100, lr=0.01, check=10, margin=0.99).run(strict)
+    note = next(p for p in strict.report.passes if p["name"] == "bias-tuning")["notes"][0]
+    assert "not 99% lower, put back" in note, note
+    for name, layer in strict.plan.layers.items():
+        np.testing.assert_array_equal(layer.bias, state.plan.layers[name].bias)
 
 
 def test_without_onnxruntime_training_it_is_bias_correction(monkeypatch):
@@ -102,7 +110,7 @@ def test_ops_without_gradients_are_rewritten_into_ops_with_them_and_the_same_val
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("option", ["steps=-1", "batch=0", "check=0", "lr=0", "holdout=1", "holdout=-0.5"])
+@pytest.mark.parametrize("option", ["steps=-1", "batch=0", "check=0", "lr=0", "holdout=1", "holdout=-0.5", "margin=1"])
 def test_bad_options_are_one_line_errors(option, cnn_files, tmp_path, capsys):
     model, calib = cnn_files
     assert_bad(*run_cli(["compile", model, "--calib", calib, "-o", str(tmp_path / "q.onnx"),
