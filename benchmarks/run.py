@@ -109,7 +109,8 @@ CONFIGS = {
     "onnxptq W4A8 size all layers advanced": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size",
                                                                  "first_last_8bit": False, "pipeline": "advanced"}),
     "onnxptq W4A8 size all layers bitsplit": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size",
-                                                                 "first_last_8bit": False, "weight_solver": "bitsplit"}),
+                                                                 "first_last_8bit": False,
+                                                                 "weight_solver": "bitsplit"}),
     "onnxptq W4A4 size": (_compile_onnxptq, {"w_bits": 4, "a_bits": 4, "target": "ort-cpu-size"}),
     "onnxptq W3A8": (_compile_onnxptq, {"w_bits": 3}),
     "onnxptq W3A8 bitsplit": (_compile_onnxptq, {"w_bits": 3, "weight_solver": "bitsplit"}),
@@ -140,8 +141,10 @@ CONFIGS = {
     "onnxptq W3A8 advanced": (_compile_onnxptq, {"w_bits": 3, "pipeline": "advanced"}),
     "onnxptq W2A8 advanced": (_compile_onnxptq, {"w_bits": 2, "pipeline": "advanced"}),
     "onnxptq W4A4 advanced": (_compile_onnxptq, {"w_bits": 4, "a_bits": 4, "pipeline": "advanced"}),
-    "onnxptq W4A8 advanced parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel,"
-                                                          "bn-reestimate:layers=hidden,bias-correction"}),
+    # `--pipeline advanced` with AdaQuant in parallel mode (rows before session 8: bias correction last)
+    **{f"onnxptq W4A{a} advanced parallel": (_compile_onnxptq, {"w_bits": 4, "a_bits": a, "pipeline":
+                                                                "adaquant:mode=parallel,bn-reestimate:layers=hidden,"
+                                                                "bias-tuning"}) for a in (8, 4)},
     "onnxptq W4A8 adaquant": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant"}),
     "onnxptq W4A8 adaquant parallel": (_compile_onnxptq, {"w_bits": 4, "pipeline": "adaquant:mode=parallel"}),
     # AdaQuant's onnxruntime-training engine (needs `make .venv-training/.installed`)

@@ -66,12 +66,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxptq.capture import response_stats
 from onnxptq.costs import layer_encoding, layer_storage_bytes
 from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
 from onnxptq.latency_table import layer_latencies
-from onnxptq.capture import response_stats
 from onnxptq.passes.bias_correction import give_bias
 from onnxptq.passes.bitsplit import BITS, MAX_ROWS, solve_layer
 from onnxptq.passes.bn_reestimate import BNReestimatePass
@@ -142,7 +142,8 @@ def replan(state: CompileState, old: QuantPlan, chosen: dict[str, LayerPlan | Ta
         source = old.root(name)
         act.lo, act.hi = source.lo, source.hi
     for name, layer in state.plan.layers.items():  # a weight solver's fit: its weights, bias and grid
-        layer.weight, layer.bias, layer.grid = grids[name].weight, grids[name].bias, dataclasses.replace(grids[name].grid)
+        fit = grids[name]
+        layer.weight, layer.bias, layer.grid = fit.weight, fit.bias, dataclasses.replace(fit.grid)
     tables = {name: chosen.get(name, table) for name, table in old.tables.items()}
     state.plan.tables = {name: table for name, table in tables.items() if table is not None}
 
@@ -266,7 +267,8 @@ class MixedPrecisionPass:
                 "max_drop": size + bops / max(bops.max() * len(layers), 1.0)}[budget]  # bytes, ties by BOPs
         fixed = output_model(state).ByteSize() - sum(layer_storage_bytes(l, goal) for l in layers)
         t = Tables(budget, candidates, layers, fitted, np.zeros(cost.shape), size, bops, macs, cost, fixed,
-                   state.source.ByteSize(), state.plan, ref, fp32_ms, {l.node: [None] * len(candidates) for l in layers})
+                   state.source.ByteSize(), state.plan, ref, fp32_ms,
+                   {l.node: [None] * len(candidates) for l in layers})
         masked = np.where(unavailable, np.nan, cost)
         if budget == "size_ratio":  # the rest of the file, measured on the smallest choice too
             cheapest = np.nanargmin(masked, axis=1)

@@ -95,8 +95,8 @@ class Probe:
     """A probe session over a fixed sample subset, with the fp32 reference outputs.
 
     ``weights``/``biases``/``masks``: layer → input name of its weight / of its bias (where it has
-    one) / of its input-quantization switch (none when the input is not quantized in the plan); ``observed``: layer → its output, also a
-    graph output.
+    one) / of its input-quantization switch (none when the input is not quantized in the plan);
+    ``observed``: layer → its output, also a graph output.
     """
 
     session: object
@@ -188,7 +188,8 @@ def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Refere
 
     def variable(node: ir.Node, index: int, value: np.ndarray, role: str) -> str:
         """Make ``node``'s input ``index`` a graph input, fed ``value`` unless changed; its name."""
-        v = ir.Value(name=f"{node.name}.probe.{role}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(value.shape))
+        v = ir.Value(name=f"{node.name}.probe.{role}", type=ir.TensorType(ir.DataType.FLOAT),
+                     shape=ir.Shape(value.shape))
         graph.inputs.append(v)
         node.replace_input_with(index, v)
         base[v.name] = value
