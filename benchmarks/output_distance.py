@@ -15,14 +15,14 @@ import argparse
 import importlib
 import json
 
-import onnx_ir as ir
-
 from benchmarks.run import CALIB_SAMPLES, EXAMPLES, VARIANTS
 
 
 def main() -> None:
+    from benchmarks.compile_one import fail
     from examples.common import run_model
-    from onnxptq.model_io import load_model
+    from onnxptq.errors import InputError
+    from onnxptq.model_io import load_model, to_ir
     from onnxptq.passes.sensitivity import SAMPLES, float_outputs, output_distance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,12 +34,15 @@ def main() -> None:
     fp32 = str(ex.fp32_model())
     calib = {k: v[:args.samples] for k, v in ex.calibration_set(CALIB_SAMPLES).items()}
     inputs, _ = ex.eval_set()
-    names, normalized = float_outputs(ir.serde.deserialize_model(load_model(fp32)))
+    names, normalized = float_outputs(to_ir(load_model(fp32)))
+    try:  # every model is read before any runs: a bad path is a one-line error at once
+        graph_outputs = {m: [o.name for o in load_model(m).graph.output] for m in [fp32, *args.models]}
+    except InputError as exc:
+        fail(str(exc))
 
     def outputs(model: str, data: dict) -> list:
         """``model``'s float outputs (those of the fp32 model, by name) on ``data``."""
-        graph_outputs = [o.name for o in load_model(model).graph.output]
-        return [dict(zip(graph_outputs, run_model(model, data)))[n] for n in names]
+        return [dict(zip(graph_outputs[model], run_model(model, data)))[n] for n in names]
 
     sets = {"calib": calib, "eval": inputs}
     refs = {key: outputs(fp32, data) for key, data in sets.items()}

@@ -60,7 +60,7 @@ from onnxptq.kernels.bitsplit import BitSplitResult, solve
 from onnxptq.kernels.quant import channel_rows, fake_quantize, from_channel_rows
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.kernels.saturation import PAIR_LIMIT
-from onnxptq.passes.candidates import BUDGETS
+from onnxptq.passes.candidates import budget_of
 from onnxptq.passes.checked import Checked, snapshot, write_if_better
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.layer_moments import integer_level, level_groups
@@ -98,7 +98,7 @@ class BitSplitPass:
         solver = state.options.weight_solver
         if solver not in SOLVERS:
             raise InputError(f"unknown --weight-solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        if solver == "rtn" or any(getattr(state.options, b) is not None for b in BUDGETS):
+        if solver == "rtn" or budget_of(state.options) is not None:
             return  # with a mixed-precision budget, that pass solves each candidate (passes/mixed.py)
         layers = [layer for layer in state.plan.layers.values() if layer.grid.bits in BITS]
         if not layers:

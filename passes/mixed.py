@@ -393,7 +393,8 @@ class MixedPrecisionPass:
             fitted[layer.node] = row
         if state.options.weight_solver == "bitsplit":
             solved = [f for row in fitted.values() for f in row if f is not None and f.grid.bits in BITS]
-            stats = response_stats(state, [l for l in layers if any(f.node == l.node for f in solved)], MAX_ROWS)
+            names = {f.node for f in solved}
+            stats = response_stats(state, [l for l in layers if l.node in names], MAX_ROWS)
             kept = sum(solve_layer(state, f, stats[f.node])["kept"] for f in solved)
             state.report.note(MixedPrecisionPass.name, f"bitsplit: {kept} of {len(solved)} 2–4-bit candidates "
                                                        "written, the others keep round-to-nearest")
