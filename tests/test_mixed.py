@@ -25,7 +25,8 @@ from onnxptq.metrics import mean_kl
 from onnxptq.model_io import to_ir
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.candidates import Candidate, dominated, parse_candidates
-from onnxptq.passes.mixed import SWEEP_POINTS, alone_float, restandardized
+from onnxptq.passes.mixed import SWEEP_POINTS, alone_float
+from onnxptq.passes.pricing import restandardized
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.sensitivity import Change, build_probe, layer_change, reference
 from onnxptq.passes.verification import fusion_coverage, optimized_kernels
@@ -419,6 +420,8 @@ def test_size_retry_solves_below_what_the_chosen_mix_was_counted_at(monkeypatch)
 
     monkeypatch.setattr(mixed, "replan", replan)
     monkeypatch.setattr(mixed, "output_model", lambda state: SimpleNamespace(ByteSize=lambda: emitted[-1][1]))
+    monkeypatch.setattr(mixed.MixedPrecisionPass, "_best_measured",
+                        staticmethod(lambda state, t, choice, limit: choice))  # no uniform contender here
     choice, written = mixed.MixedPrecisionPass()._apply(None, t, 0.199)
     assert emitted == [({"a": 8, "b": 4}, 205.0), ({"a": 4, "b": 8}, 140.0)], "one retry, a different choice"
     assert choice.tolist() == [1, 0] and written == 140.0 <= 0.199 * 1000
@@ -493,3 +496,57 @@ def test_bitsplit_solves_every_low_bit_candidate_and_the_choice_keeps_its_fit(rn
     error = {s: float(((runtime.session(r.model).run(None, {"x": test})[0] - ref) ** 2).sum())
              for s, r in results.items()}
     assert error["bitsplit"] < error["rtn"], error
+
+
+def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_that_fit(mlp_data, tmp_path,
+                                                                                          monkeypatch):
+    """Under a size budget that uniform 4- and 2-bit models fit, the program's mix and those models are
+    each corrected as the pipeline corrects them and measured on the calibration set; the file written
+    is the nearest, and its own distance to fp32 there (onnxruntime, independently) is what was recorded.
+    A program that proposes a poor mix (2-bit MatMul and Conv) loses to uniform 4-bit."""
+    from onnxptq.passes import mixed
+
+    model, calib = mlp_data
+    fp32 = runtime.session(model).run(None, calib)[0]
+    poor = lambda f, g, limit: np.array([3, 3, 0])  # noqa: E731  (w2a8, w2a8, w8a8)
+    for propose in (mixed.allocate, poor):
+        monkeypatch.setattr(mixed, "allocate", propose)
+        result = onnxptq.compile(model, calib, tmp_path / "q.onnx", size_ratio=0.25, target="ort-cpu-size",
+                                 holdout=0)
+        report = result.report["mixed"]
+        contenders = {c["choice"]: c["measured_loss"] for c in report["contenders"]}
+        assert contenders.keys() == {"program", "uniform w4a8", "uniform w2a8"}, "8 bits do not fit; 3 bits are " \
+            "stored as 4 bits, so no smaller: not measured"
+        written = runtime.session(str(tmp_path / "q.onnx")).run(None, calib)[0]
+        assert mean_kl(fp32, written, False) == pytest.approx(min(contenders.values()), rel=1e-5)
+    assert contenders["program"] > contenders["uniform w4a8"]
+    assert [l["choice"] for l in report["layers"]] == ["w4a8"] * 3
+
+
+def test_a_bitsplit_candidate_that_moves_the_outputs_more_is_priced_and_emitted_as_round_to_nearest(rng,
+                                                                                                   monkeypatch):
+    """With ``--weight-solver bitsplit`` each written candidate is priced beside its round-to-nearest copy
+    and the lower ΔL kept. Fits made harmful on purpose (codes' signs flipped, let through the solver's
+    own check) all lose: the tables and the file are round to nearest's."""
+    import onnxptq.passes.bitsplit as bitsplit_pass
+    from onnxptq.kernels.bitsplit import solve
+
+    def flipped(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        result.codes = -result.codes
+        return result
+
+    def always(state, layer, write, loss, before=None):
+        write()
+        return bitsplit_pass.Checked(1.0, 0.5, True)
+
+    model, calib = mlp(rng), {"x": rng.standard_normal((512, 48)).astype(np.float32)}
+    options = dict(size_ratio=0.2, target="ort-cpu-size", holdout=0, pass_effects=False)
+    rtn = onnxptq.compile(model, calib, **options)
+    monkeypatch.setattr(bitsplit_pass, "solve", flipped)
+    monkeypatch.setattr(bitsplit_pass, "write_if_better", always)
+    fit = onnxptq.compile(model, calib, weight_solver="bitsplit", **options)
+    assert [l["loss"] for l in fit.report["mixed"]["layers"]] == [l["loss"] for l in rtn.report["mixed"]["layers"]]
+    assert fit.model.graph.SerializeToString() == rtn.model.graph.SerializeToString()
+    assert "bitsplit: 9 of 9 2–4-bit candidates written" in " ".join(
+        next(p for p in fit.report["passes"] if p["name"] == "mixed-precision")["notes"])
