@@ -14,7 +14,7 @@ calibration set (``onnxptq/capture.py``). Where X comes from (the mode):
 Parallel is the default because the corrections that follow (BN re-estimation re-standardizes every
 hidden layer's output on its quantized, corrected prefix) remove the prefix's error a second time
 where a sequential fit has already made up for it. At W2/W3/W4 (light pipeline, fp32 agreement;
-PP-OCRv4 CER) parallel against sequential: PP-OCRv4 0.649 / 0.887 / 0.909, CER 0.444 / 0.051 / 0.023
+PP-OCRv4 CER) parallel (before its output check, ``judge_by_outputs``) against sequential: PP-OCRv4 0.649 / 0.887 / 0.909, CER 0.444 / 0.051 / 0.023
 against 0.390 / 0.623 / 0.912, CER 0.804 / 0.423 / 0.036; magika 0.948 / 0.978 / 0.983 against
 0.941 / 0.966 / 0.984; EfficientNet-Lite0 0.004 / 0.239 / 0.685 (mean KL 4.43 / 1.67 / 0.234)
 against 0.008 / 0.235 / 0.712 (4.55 / 1.70 / 0.321); MiniLM-L6 (mean cosine, no BN) 0.689 / 0.892 /
