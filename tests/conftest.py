@@ -60,3 +60,27 @@ def cnn_files(tmp_path, rng):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=rng.standard_normal((40, 3, 16, 16)).astype(np.float32))
     return model_path, calib
+
+
+@pytest.fixture
+def harmful_bitsplit(monkeypatch):
+    """BitSplit made harmful on purpose: each solution's code signs flipped, and let through the
+    solver's own check against round to nearest (``write_if_better`` always writes and keeps). Call it
+    to switch it on (after compiling any reference)."""
+    import onnxptq.passes.bitsplit as bitsplit_pass
+    from onnxptq.kernels.bitsplit import solve
+
+    def flipped(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        result.codes = -result.codes
+        return result
+
+    def always(state, layer, write, loss, before=None):
+        write()
+        return bitsplit_pass.Checked(1.0, 0.5, True)
+
+    def switch_on() -> None:
+        monkeypatch.setattr(bitsplit_pass, "solve", flipped)
+        monkeypatch.setattr(bitsplit_pass, "write_if_better", always)
+
+    return switch_on

@@ -398,28 +398,16 @@ def test_sequential_statistics_see_the_written_prefix(rng):
 
 @pytest.mark.parametrize("solver,pipeline", [("bitsplit-sequential", "calibration"), ("bitsplit", "calibration"),
                                              ("bitsplit", "light")])
-def test_layers_that_raise_the_models_output_error_are_put_back(rng, monkeypatch, solver, pipeline):
+def test_layers_that_raise_the_models_output_error_are_put_back(rng, harmful_bitsplit, solver, pipeline):
     """Both modes check the written layers at the model's outputs (sequential: each level on the model;
     parallel: each layer's ΔL against round-to-nearest's, re-standardized where the light pipeline's
     BN re-estimation will). Solutions made harmful on purpose (the codes' signs flipped) and let
     through the per-layer check are all put back: the compiled model is round-to-nearest's, and each
     row says so."""
-    import onnxptq.passes.bitsplit as bitsplit_pass
-
-    def flipped(*args, **kwargs):
-        result = solve(*args, **kwargs)
-        result.codes = -result.codes
-        return result
-
-    def always(state, layer, write, loss, before=None):
-        write()
-        return bitsplit_pass.Checked(1.0, 0.5, True)
-
     model, x = feature_cnn(rng), smooth_images(rng, 24)
     options = dict(w_bits=2, first_last_8bit=False, pipeline=pipeline, holdout=0, pass_effects=False)
     rtn = onnxptq.compile(model, {"x": x}, **options).model
-    monkeypatch.setattr(bitsplit_pass, "solve", flipped)
-    monkeypatch.setattr(bitsplit_pass, "write_if_better", always)
+    harmful_bitsplit()
     result = onnxptq.compile(model, {"x": x}, weight_solver=solver, **options)
     rows = next(p for p in result.report["passes"] if p["name"] == "bitsplit")["layers"]
     assert [(r["node"], r["kept"], r.get("reverted")) for r in rows] == [

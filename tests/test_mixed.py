@@ -523,28 +523,15 @@ def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_th
     assert [l["choice"] for l in report["layers"]] == ["w4a8"] * 3
 
 
-def test_a_bitsplit_candidate_that_moves_the_outputs_more_is_priced_and_emitted_as_round_to_nearest(rng,
-                                                                                                   monkeypatch):
+def test_a_bitsplit_candidate_that_moves_the_outputs_more_is_priced_and_emitted_as_round_to_nearest(
+        rng, harmful_bitsplit):
     """With ``--weight-solver bitsplit`` each written candidate is priced beside its round-to-nearest copy
     and the lower ΔL kept. Fits made harmful on purpose (codes' signs flipped, let through the solver's
     own check) all lose: the tables and the file are round to nearest's."""
-    import onnxptq.passes.bitsplit as bitsplit_pass
-    from onnxptq.kernels.bitsplit import solve
-
-    def flipped(*args, **kwargs):
-        result = solve(*args, **kwargs)
-        result.codes = -result.codes
-        return result
-
-    def always(state, layer, write, loss, before=None):
-        write()
-        return bitsplit_pass.Checked(1.0, 0.5, True)
-
     model, calib = mlp(rng), {"x": rng.standard_normal((512, 48)).astype(np.float32)}
     options = dict(size_ratio=0.2, target="ort-cpu-size", holdout=0, pass_effects=False)
     rtn = onnxptq.compile(model, calib, **options)
-    monkeypatch.setattr(bitsplit_pass, "solve", flipped)
-    monkeypatch.setattr(bitsplit_pass, "write_if_better", always)
+    harmful_bitsplit()
     fit = onnxptq.compile(model, calib, weight_solver="bitsplit", **options)
     assert [l["loss"] for l in fit.report["mixed"]["layers"]] == [l["loss"] for l in rtn.report["mixed"]["layers"]]
     assert fit.model.graph.SerializeToString() == rtn.model.graph.SerializeToString()
