@@ -405,7 +405,7 @@ class MixedPrecisionPass:
         """Fill ``t.loss`` (0 for float, NaN where ``skip``: not measured, not chosen) and ``t.changes``
         per layer and candidate. A layer the pipeline's BN re-estimation will re-standardize is measured
         re-standardized (``passes/pricing.py``)."""
-        pricer = LayerPricer(state, t.ref)
+        pricer = LayerPricer(state, t.ref, subset(state.calib))
         t.loss = np.full(skip.shape, np.nan)
         for i, (name, row) in enumerate(state.progress.track(t.fitted.items(), "mixed precision: sensitivity",
                                                              len(t.fitted))):

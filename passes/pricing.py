@@ -17,8 +17,9 @@ import dataclasses
 
 import numpy as np
 
+from onnxptq.data import CalibrationSet
 from onnxptq.passes.bn_reestimate import BNReestimatePass
-from onnxptq.passes.sensitivity import Change, Probe, Reference, build_probe, layer_change, subset
+from onnxptq.passes.sensitivity import Change, Probe, Reference, build_probe, layer_change
 from onnxptq.plan import LayerPlan, TablePlan
 from onnxptq.state import CompileState
 
@@ -33,16 +34,16 @@ def restandardized(state: CompileState, probe: Probe, layer: LayerPlan, target: 
 
 
 class LayerPricer:
-    """Per-layer probes over ``ref``'s subset, and each layer's change as the corrections leave it.
+    """Per-layer probes over ``data`` (whose fp32 outputs ``ref`` holds), and each layer's change as
+    the corrections leave it: re-standardized to the fp32 moments on the same ``data``.
 
     Built on ``state.plan`` as it is (the layers the pipeline's BN re-estimation takes are given a zero
     bias where they can take one, as that pass does)."""
 
-    def __init__(self, state: CompileState, ref: Reference):
+    def __init__(self, state: CompileState, ref: Reference, data: CalibrationSet):
         bn = next((p for p in state.corrections if isinstance(p, BNReestimatePass)), None)
         corrected = bn.layers_of(state) if bn is not None else []
-        self.targets = (bn.targets(dataclasses.replace(state, calib=subset(state.calib)), corrected)
-                        if corrected else {})
+        self.targets = bn.targets(dataclasses.replace(state, calib=data), corrected) if corrected else {}
         self.state, self.ref = state, ref
 
     def probe(self, name: str) -> Probe:
