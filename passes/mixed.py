@@ -90,7 +90,8 @@ from onnxptq.pareto import write_sweep
 from onnxptq.passes.emission import output_model
 from onnxptq.passes.pricing import LayerPricer
 from onnxptq.passes.select import SelectPass, weight_grid
-from onnxptq.passes.sensitivity import Change, Reference, build_probe, output_distance, reference, subset
+from onnxptq.passes.sensitivity import (Change, Reference, build_probe, output_distance, reference,
+                                        run_batches, subset)
 from onnxptq.passes.tables import TABLE_BITS, fit_table
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import LayerPlan, QuantPlan, TablePlan
@@ -329,38 +330,38 @@ class MixedPrecisionPass:
         if t.budget == "max_drop":  # the limit bounds the loss: nothing uniform to compare bytes with
             return choice
         rows = np.arange(len(t.layers))
-        contenders = {"program": choice}
-        worse = dominated(t.candidates, t.cost.sum(axis=0, keepdims=True))[0]  # 3 bits stored as 4 (size)
-        for j, cand in enumerate(t.candidates):
-            uniform = np.full(len(t.layers), j)
-            cost = t.cost[rows, uniform]
-            if cand.w_bits is None or worse[j] or np.isnan(cost).any() or np.array_equal(uniform, choice):
-                continue
-            if t.budget == "size_ratio":  # by the bytes emitted: the rest of the file differs between mixes
-                replan(state, t.old, t.chosen(uniform))
-                fits = output_model(state).ByteSize() <= limit + t.fixed
-                state.plan = t.old
-            else:
-                fits = cost.sum() <= limit
-            if fits:
-                contenders[f"uniform {cand.label}"] = uniform
-        if len(contenders) == 1:
-            return choice
         cheap = [p for p in state.corrections if isinstance(p, (BNReestimatePass, BiasCorrectionPass))]
-        ref = reference(state.model, t.old, state.calib, state.options.threads)
-        for label, x in contenders.items():
-            replan(state, t.old, t.chosen(x))
+        ref, choices = None, []
+
+        def measure(label: str, x: np.ndarray) -> dict:
+            """Correct the plan of ``x`` (just re-planned) as the pipeline will, emit it, measure it."""
+            nonlocal ref
+            ref = ref or reference(state.model, t.old, state.calib, state.options.threads)
             scratch = dataclasses.replace(state, report=Report())
             for correction in cheap:
                 correction.run(scratch)
             session = runtime.session(output_model(scratch).SerializeToString(), state.options.threads)
-            outputs = [session.run(ref.names, feed) for feed in ref.feeds]
-            joined = [np.concatenate([o[i] for o in outputs]) for i in range(len(ref.names))]
-            t.contenders.append({"choice": label, "counted": float(t.cost[rows, x].sum()),
-                                 "measured_loss": output_distance(ref.outputs, joined, ref.normalized)})
+            return {"choice": label, "counted": float(t.cost[rows, x].sum()), "measured_loss": output_distance(
+                ref.outputs, run_batches(session, ref.names, ref.feeds), ref.normalized)}
+
+        worse = dominated(t.candidates, t.cost.sum(axis=0, keepdims=True))[0]  # 3 bits stored as 4 (size)
+        for j, cand in enumerate(t.candidates):
+            uniform = np.full(len(t.layers), j)
+            cost = t.cost[rows, uniform]
+            if cand.w_bits is None or worse[j] or np.isnan(cost).any() or np.array_equal(uniform, choice) \
+                    or (t.budget != "size_ratio" and cost.sum() > limit):
+                continue
+            replan(state, t.old, t.chosen(uniform))
+            # under a size budget by the bytes emitted: the rest of the file differs between mixes
+            if t.budget != "size_ratio" or output_model(state).ByteSize() <= limit + t.fixed:
+                t.contenders.append(measure(f"uniform {cand.label}", uniform))
+                choices.append(uniform)
+        if choices:  # the program's first: it wins a tie
+            replan(state, t.old, t.chosen(choice))
+            t.contenders.insert(0, measure("program", choice))
+            choices.insert(0, choice)
         state.plan = t.old
-        best = min(range(len(t.contenders)), key=lambda i: t.contenders[i]["measured_loss"])
-        return list(contenders.values())[best]
+        return min(zip(t.contenders, choices), key=lambda pair: pair[0]["measured_loss"])[1] if choices else choice
 
     @staticmethod
     def _joint(state: CompileState, t: Tables, choice: np.ndarray) -> float:

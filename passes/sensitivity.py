@@ -119,8 +119,7 @@ class Probe:
             if name in self.masks:
                 changed[self.masks[name]] = np.array(1.0 if change.quantize_input else 0.0, np.float32)
         names = [*self.reference.names, *also]
-        chunks = [self.session.run(names, {**feed, **self.base, **changed}) for feed in self.feeds]
-        return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
+        return run_batches(self.session, names, [{**feed, **self.base, **changed} for feed in self.feeds])
 
     def output_moments(self, layer: LayerPlan) -> ChannelMoments:
         """Per-channel moments over the subset of ``layer``'s output (observed) with it changed as planned."""
@@ -131,6 +130,12 @@ class Probe:
     def distance(self, layers: dict[str, Change]) -> float:
         """Σ over outputs of the distance to fp32 (module doc) with ``layers`` changed as in ``run``."""
         return output_distance(self.reference.outputs, self.run(layers), self.reference.normalized)
+
+
+def run_batches(session: object, names: Sequence[str], feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The values ``names`` of an onnxruntime ``session`` over every feed, each joined along the batch axis."""
+    chunks = [session.run(list(names), feed) for feed in feeds]
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
 
 
 def output_distance(refs: list[np.ndarray], tests: list[np.ndarray], normalized: list[bool | None]) -> float:
@@ -172,8 +177,7 @@ def reference(model: ir.Model, plan: QuantPlan, data: CalibrationSet, threads: i
     first = dict(zip(layer_outputs, session.run(layer_outputs, one)))
     macs = {name: int(layer.weight.size * (first[out].size // layer.channels))
             for (name, layer), out in zip(plan.layers.items(), layer_outputs)}
-    chunks = [session.run(names, feed) for feed in feeds]
-    outputs = [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
+    outputs = run_batches(session, names, feeds)
     return Reference(names, normalized, outputs, feeds, macs)
 
 
