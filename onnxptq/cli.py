@@ -79,7 +79,8 @@ def cli() -> None:
               help="Weight bits: 8, or 4/3/2 (codes on int8 kernels for --target ort-cpu; packed int4 storage for "
               "ort-cpu-size, int2 at 2 bits, and generic-qdq).")
 @click.option("--a-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
-              help="Activation bits: 8, or 4 (16-code grids; on int8 kernels, uint8 codes clipped to 0..15 between Q and DQ).")
+              help="Bits of the weighted layers' input activations: 8, or 4 (16-code grids; on int8 kernels, uint8 "
+              "codes clipped to 0..15 between Q and DQ). Other quantized tensors keep 8 bits.")
 @click.option("--first-last-8bit/--no-first-last-8bit", default=True, show_default=True,
               help="Below 8 bits, keep the first and last weighted layers (and their inputs) at 8 bits.")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse", "entropy"]), default="mse",

@@ -7,13 +7,13 @@ points, bias), for a layer with ``n`` weights in ``C`` output channels (K = n / 
 encoding       initializers                                                    bytes
 =============  ==============================================================  =====================
 ``fp32``       float weight and bias                                           4n + 4C
-``int8``       int8 codes (any width ≤ 8 bits), f32 scale + int8 zero point    n + 5C + 12C
-               per channel; int32 bias with its f32 scale and int32 zero point
-``int4-cast``  int4 codes packed two per byte, Cast to int8 at load (goal      ⌈n/2⌉ + 5C + 12C
+``int8``       int8 codes (any width ≤ 8 bits), f32 scale + int8 zero point    n + 5C + 8C
+               per channel; int32 bias with its f32 scale (no zero point: 0)
+``int4-cast``  int4 codes packed two per byte, Cast to int8 at load (goal      ⌈n/2⌉ + 5C + 8C
                ``size``, Conv); otherwise as ``int8``
-``int2-cast``  int2 codes packed four per byte, Cast to int8 at load (goal     ⌈n/4⌉ + 5C + 12C
+``int2-cast``  int2 codes packed four per byte, Cast to int8 at load (goal     ⌈n/4⌉ + 5C + 8C
                ``size``, 2-bit codes of any layer); otherwise as ``int8``
-``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 12C
+``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 8C
 ``int4-blocks``int4 codes in blocks of B along K, one f32 scale per block and  ⌈n/2⌉ + 4·⌈K/B⌉·C + 4C
                column, float bias (MatMulNBits)
 =============  ==============================================================  =====================
@@ -53,7 +53,7 @@ def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bia
     n = int(np.prod(weight_shape))
     c, k = channels, n // channels
     packed = -(-n // 2)
-    int_bias = 12 * c if bias else 0
+    int_bias = 8 * c if bias else 0
     if encoding == "fp32":
         return 4 * n + (4 * c if bias else 0)
     if encoding in ("int8", "int8-a4"):

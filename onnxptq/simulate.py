@@ -113,13 +113,15 @@ class QDQGraph:
         return numpy_helper.to_array(self.inits[name])
 
     def dq(self, value: str) -> _DQ | None:
-        """The DequantizeLinear producing ``value`` (with constant scale and zero point, not blocked)."""
+        """The DequantizeLinear producing ``value`` (with a constant scale and zero point, 0 where it
+        has none — the int32 biases; not blocked)."""
         p = self.producer.get(value)
-        if p is None or p.op_type != "DequantizeLinear" or len(p.input) < 3 \
-                or any(a.name == "block_size" and a.i for a in p.attribute):
+        if p is None or p.op_type != "DequantizeLinear" or any(a.name == "block_size" and a.i for a in p.attribute):
             return None
         axis = next((a.i for a in p.attribute if a.name == "axis"), 1)
-        return _DQ(p.input[0], self.array(p.input[1]), self.array(p.input[2]), axis)
+        scale = self.array(p.input[1])
+        zero = self.array(p.input[2]) if len(p.input) > 2 and p.input[2] else np.zeros(scale.shape, np.int64)
+        return _DQ(p.input[0], scale, zero, axis)
 
     def constant(self, value: str) -> np.ndarray | None:
         """An integer initializer (behind the Cast that unpacks int4 at load), as int64."""

@@ -9,7 +9,8 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
   file holds packed int4 and the layer still fuses into QLinearConv/QGemm (goal ``generic`` writes
   the plain DequantizeLinear of int4); 2-bit codes under goal ``size`` are int2 → Cast(int8) the same
   way, four per byte (opset 25: onnxruntime 1.32 loads and folds it, the layer fuses as at int4);
-* biases become int32 at scale s_x·s_w[c] (what QLinearConv/QGemm accumulate in), zero point 0;
+* biases become int32 at scale s_x·s_w[c] (what QLinearConv/QGemm accumulate in), written without a zero
+  point (0 by the standard; a per-channel int32 zero point costs 4 bytes a channel for nothing);
   layers with a float input (int4 MatMulNBits) keep the plan's bias in float;
 * every planned activation t gets t → QuantizeLinear(s, z) → DequantizeLinear → consumers, uint8;
   tied tensors repeat their root's (s, z) so onnxruntime can drop the pair; constant inputs are
@@ -235,7 +236,7 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
                                     axis=grid.axis, unpack=packed and plan.goal != "generic"))
     if layer.bias is not None and layer.activation_input:
         b_q, s_b = int32_bias(layer, plan)
-        node.replace_input_with(2, w.dq(layer.bias_name, b_q, s_b, np.zeros(len(s_b), np.int32), axis=0))
+        node.replace_input_with(2, w.dq(layer.bias_name, b_q, s_b, None, axis=0))
 
 
 def int32_bias(layer: LayerPlan, plan: QuantPlan) -> tuple[np.ndarray, np.ndarray]:

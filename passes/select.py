@@ -30,10 +30,11 @@ layer keeps int8 storage with codes in [−7, 7], [−3, 3] or [−1, 1] on the 
 8-bit weights; for ``size`` they are stored as int4 — MatMul/Gemm blocked along the reduction axis for
 MatMulNBits (which takes a float activation input), Conv per channel — and 2-bit codes of any layer as
 int2 per channel (a quarter byte per weight, on the int8 kernels); ``generic`` stores int4 per
-channel everywhere. Activations take ``--a-bits`` (4: a 16-code grid). With ``first_last_8bit`` (the
-papers' convention, on by default) the first and last weighted layers — those with no weighted layer
-before, or after, them in the graph — keep 8-bit weights, and their input activations (and the last
-layers' outputs) keep 8 bits.
+channel everywhere. The weighted layers' inputs take ``--a-bits`` (4: a 16-code grid); every other
+quantized tensor keeps 8 bits (``_narrow_layer_inputs_only``). With ``first_last_8bit`` (the papers'
+convention, on by default) the first and last weighted layers — those with no weighted layer before,
+or after, them in the graph — keep 8-bit weights, and their input activations (and the last layers'
+outputs) keep 8 bits.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import onnx_ir as ir
 
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, const, consumers
-from onnxptq.plan import ActivationPlan, LayerPlan, WeightGrid
+from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, WeightGrid
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
 
@@ -228,6 +229,8 @@ class SelectPass:
         if not plan.layers:
             raise InputError("the model has no quantizable layers (Conv, Gemm or MatMul with a constant "
                              "float weight); nothing to compile")
+        if opts.a_bits < 8:
+            self._narrow_layer_inputs_only(plan)
         kept = self._keep_edges_8bit(state, first & edges, last & edges)
         state.report.note(self.name, f"{len(plan.layers)} weighted layers, {len(quantized)} quantized ops, "
                                      f"{len(plan.activations)} quantized tensors; target {target.name}" + kept)
@@ -259,6 +262,19 @@ class SelectPass:
         if node.op_type == "Concat":
             return all(_is_float(v) for v in node.inputs)
         return False
+
+    @staticmethod
+    def _narrow_layer_inputs_only(plan: QuantPlan) -> None:
+        """Keep ``--a-bits`` below 8 on the inputs of weighted layers only — the operands their
+        multiply-accumulates read, which BOPs count and the papers quantize — and give every other
+        quantized tensor 8 bits: layer outputs on their way to an Add, residual streams, the inputs of
+        float LayerNorms and of activation×activation MatMuls. The integer kernels requantize their
+        results to 8-bit codes at no extra cost, so a 16-code grid there only adds rounding."""
+        narrow = {plan.root(layer.input_name).name for layer in plan.layers.values()
+                  if layer.activation_input and layer.input_name in plan.activations}
+        for act in plan.activations.values():
+            if act.tied_to is None and act.name not in narrow:
+                act.bits = 8
 
     @staticmethod
     def _keep_edges_8bit(state: CompileState, first: set[str], last: set[str]) -> str:

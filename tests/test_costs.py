@@ -39,9 +39,9 @@ def test_storage_bytes_match_the_emitted_initializers(rng, which, target, w_bits
 def test_storage_bytes_formulas():
     # a 3×3 Conv 16 → 32 with bias: n = 4608 weights
     assert storage_bytes("fp32", (32, 16, 3, 3), 32, True) == 4 * 4608 + 4 * 32
-    assert storage_bytes("int8", (32, 16, 3, 3), 32, True) == 4608 + 5 * 32 + 12 * 32
-    assert storage_bytes("int4-cast", (32, 16, 3, 3), 32, True) == 2304 + 5 * 32 + 12 * 32
-    assert storage_bytes("int2-cast", (32, 16, 3, 3), 32, True) == 1152 + 5 * 32 + 12 * 32
+    assert storage_bytes("int8", (32, 16, 3, 3), 32, True) == 4608 + 5 * 32 + 8 * 32
+    assert storage_bytes("int4-cast", (32, 16, 3, 3), 32, True) == 2304 + 5 * 32 + 8 * 32
+    assert storage_bytes("int2-cast", (32, 16, 3, 3), 32, True) == 1152 + 5 * 32 + 8 * 32
     assert storage_bytes("int2-cast", (3, 3), 3, False) == 3 + 5 * 3  # 9 codes: ⌈9/4⌉ bytes
     # a [K=80, N=24] MatMul in blocks of 32: 3 blocks per column
     assert storage_bytes("int4-blocks", (80, 24), 24, False) == 960 + 4 * 3 * 24
