@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxptq.kernels.quant import quantize
+from onnxptq.kernels.quant import quantize, symmetric_qmax
 from onnxptq.kernels.response import ResponseStats, gram_product
 
 
@@ -197,7 +197,7 @@ def solve(stats: ResponseStats, w: np.ndarray, bits: int, scale: np.ndarray, blo
     nb = -(-k // block)
     pad = nb * block - k
     scale0 = np.asarray(scale, np.float64).reshape(c, nb)
-    qmax = 2 ** (bits - 1) - 1
+    qmax = symmetric_qmax(bits)
     if pad:  # zero inputs on the padding: A, b vanish there, so those entries never move
         stats = _padded(stats, pad)
         w = np.pad(w, [(0, 0), (0, pad)])

@@ -51,6 +51,12 @@ def affine_params(lo: float, hi: float, qmin: int = 0, qmax: int = 255) -> tuple
     return scale, zero_point
 
 
+def symmetric_qmax(bits: int) -> int:
+    """The largest code of a symmetric signed ``bits``-bit grid, 2^(bits−1) − 1: codes in [−qmax, qmax],
+    the most negative two's-complement code left unused so that q and −q are both on the grid."""
+    return 2 ** (bits - 1) - 1
+
+
 def symmetric_scales(absmax: np.ndarray, qmax: int) -> np.ndarray:
     """Per-channel symmetric scales s_c = max|w_c| / qmax, with all-zero channels given s = 1."""
     absmax = np.asarray(absmax, dtype=np.float32)

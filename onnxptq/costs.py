@@ -36,7 +36,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxptq import runtime
-from onnxptq.kernels.quant import block_rows, channel_rows, row_scales
+from onnxptq.kernels.quant import block_rows, channel_rows, row_scales, symmetric_qmax
 from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
 from onnxptq.passes.emission import emit_model
@@ -105,7 +105,7 @@ def _grid(state: CompileState, layer: LayerPlan, encoding: str, k_axis: int) -> 
         scale = row_scales(block_rows(w_kn, 32), 7, "minmax").reshape(-1, w_kn.shape[1])
         return WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, scale=scale, block_size=32, storage="int4")
     bits, storage = {"int8": (8, "int8"), "int8-a4": (8, "int8"), "int2-cast": (2, "int2")}.get(encoding, (4, "int4"))
-    qmax = 2 ** (bits - 1) - 1
+    qmax = symmetric_qmax(bits)
     scale = WeightGridPass._bias_safe(state, layer, row_scales(channel_rows(layer.weight, axis), qmax, "minmax"))
     return WeightGrid(bits=bits, qmax=qmax, axis=axis, storage=storage, scale=scale)
 

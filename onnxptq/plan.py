@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxptq.kernels.quant import affine_params, block_scales, broadcast_channel, dequantize, fake_quantize, quantize
+from onnxptq.kernels.quant import (affine_params, block_scales, broadcast_channel, dequantize, fake_quantize, quantize,
+                                   symmetric_qmax)
 
 
 @dataclass
@@ -135,7 +136,7 @@ class TablePlan:
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return symmetric_qmax(self.bits)
 
     def codes(self) -> np.ndarray:
         """The int8 codes q = clip(rint(T / s), −qmax, qmax)."""

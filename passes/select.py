@@ -47,6 +47,7 @@ import onnx_ir as ir
 
 from onnxptq.errors import InputError
 from onnxptq.graph import attr, const, consumers
+from onnxptq.kernels.quant import symmetric_qmax
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, WeightGrid
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
@@ -323,7 +324,7 @@ def weight_grid(node: ir.Node, axis: int, bits: int, goal: str, qmax8: int, bloc
     """The weight grid of a layer at ``bits`` for the target's ``goal`` (see the module docstring)."""
     if bits == 8:
         return WeightGrid(bits=8, qmax=qmax8, axis=axis)
-    qmax = 2 ** (bits - 1) - 1
+    qmax = symmetric_qmax(bits)
     if _blocked(node.op_type, bits, goal):
         # Blocked along the reduction axis K: axis 0 of a [K, N] weight, axis 1 of a transB Gemm's
         # [N, K] (emission transposes it, as MatMulNBits wants B as [K, N]).

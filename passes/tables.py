@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxptq.graph import attr, const
-from onnxptq.kernels.quant import channel_rows, row_scales
+from onnxptq.kernels.quant import channel_rows, row_scales, symmetric_qmax
 from onnxptq.passes.select import excluded
 from onnxptq.plan import TablePlan
 from onnxptq.state import CompileState
@@ -32,7 +32,7 @@ def fit_table(node: str, name: str, table: np.ndarray, bits: int, method: str) -
     its per-column scales fitted by ``method``."""
     if bits not in TABLE_BITS:
         raise ValueError(f"a table is stored at {TABLE_BITS} bits, not {bits}")
-    scale = row_scales(channel_rows(table, 1), 2 ** (bits - 1) - 1, method)
+    scale = row_scales(channel_rows(table, 1), symmetric_qmax(bits), method)
     return TablePlan(node=node, name=name, table=table, scale=scale, bits=bits)
 
 
