@@ -22,8 +22,8 @@ encoding       initializers                                                    b
 each encoding on this host: the layer alone, cut out of the fused fp32 graph, emitted by the same
 ``emission.emit_model`` as a compile, run by onnxruntime at ORT_ENABLE_ALL on one thread on its
 real input (one calibration sample), every encoding timed interleaved (``onnxptq.latency``).
-``int8-a4`` is ``int8`` with the layer's output on a 4-bit grid (the capped encoding of
-``passes/emission.py``), so its difference to ``int8`` is the cost of the cap.
+``int8-a4`` is ``int8`` with the layer's input on a 4-bit grid (``--a-bits 4``; the capped encoding
+of ``passes/emission.py``), so its difference to ``int8`` is the cost of the cap.
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ def layer_latency(state: CompileState, node: str, encodings: Sequence[str] | Non
                          ops={node: layer.op_type}, goal="generic" if encoding == "int4-qdq" else "speed")
         if not grid.block_size:
             plan.activations = {
-                layer.input_name: ActivationPlan(layer.input_name, lo=float(x.min()), hi=float(x.max())),
-                out_name: ActivationPlan(out_name, bits=4 if encoding == "int8-a4" else 8,
-                                         lo=float(y.min()), hi=float(y.max()))}
+                layer.input_name: ActivationPlan(layer.input_name, bits=4 if encoding == "int8-a4" else 8,
+                                                 lo=float(x.min()), hi=float(x.max())),
+                out_name: ActivationPlan(out_name, lo=float(y.min()), hi=float(y.max()))}
         model = ir.serde.serialize_model(emit_model(single, plan))
         sessions[encoding] = runtime.session(model, threads=1)
     return interleaved_latency(sessions, feed, runs=runs)
