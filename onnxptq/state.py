@@ -51,7 +51,8 @@ class CompileOptions:
 
 
 class Progress:
-    """Progress reporting; silent by default, a rich progress bar when given a console."""
+    """Progress reporting; silent by default, given a console a rich progress bar on a terminal and one
+    line per finished step elsewhere (a CI log: a live bar redrawn off a terminal leaves blank lines)."""
 
     def __init__(self, console: Any = None):
         self.console = console
@@ -59,6 +60,14 @@ class Progress:
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         if self.console is None:
             yield from items
+            return
+        if not self.console.is_terminal:
+            start, done = time.perf_counter(), 0
+            for item in items:
+                yield item
+                done += 1
+            of = f"/{total}" if total is not None else ""
+            self.console.print(f"{description}: {done}{of} in {time.perf_counter() - start:.1f} s", highlight=False)
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 

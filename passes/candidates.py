@@ -70,8 +70,8 @@ def budget_of(options: CompileOptions) -> str | None:
     if value <= 0 or (given[0] != "max_drop" and value > 1):
         raise InputError(f"{flags} must be in (0, 1] (a fraction of the fp32 model's)" if given[0] != "max_drop"
                          else f"{flags} must be positive")
-    if options.w_bits != 8:
-        raise InputError(f"{flags} picks each layer's bits from --candidates; leave --w-bits at 8")
+    if options.w_bits != 8 or options.a_bits != 8:
+        raise InputError(f"{flags} picks each layer's bits from --candidates; leave --w-bits and --a-bits at 8")
     if options.weight_solver not in ("rtn", "bitsplit"):
         raise InputError(f"{flags} cannot be combined with --weight-solver {options.weight_solver}; use rtn or "
                          "bitsplit")

@@ -1,6 +1,7 @@
 """The CLI's happy paths: compile (summary + JSON), inspect, eval."""
 
 import json
+import re
 
 import onnx
 
@@ -11,8 +12,13 @@ def test_compile_writes_model_and_json(cnn_files, tmp_path, capsys):
     model, calib = cnn_files
     code = main(["compile", str(model), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"),
                  "--json", str(tmp_path / "r.json"), "--min-coverage", "1.0", "--min-top1", "0.9"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0 and "fusion coverage 100.0%" in out and "QLinearConv" in out
+    # Off a terminal (a CI log) progress is one line per finished step, no redrawn bars or blank lines.
+    steps = captured.err.splitlines()
+    assert steps and all(line.strip() for line in steps), captured.err
+    assert re.fullmatch(r"calibration: ranges: 4/4 in \d+\.\d s", steps[0]), steps[0]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verification"]["coverage"] == 1.0
     assert report["options"]["calib_method"] == "mse" and report["model"]["target"].startswith("ort-cpu-")

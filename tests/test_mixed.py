@@ -287,7 +287,8 @@ def test_bops_and_max_drop_budgets(mlp_data, tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"size_ratio": 0.2, "max_drop": 0.1}, "give one mixed-precision budget"),
     ({"size_ratio": 1.5}, "must be in"),
-    ({"bops_ratio": 0.1, "w_bits": 4}, "leave --w-bits at 8"),
+    ({"bops_ratio": 0.1, "w_bits": 4}, "leave --w-bits and --a-bits at 8"),
+    ({"size_ratio": 0.3, "a_bits": 4}, "leave --w-bits and --a-bits at 8"),
     ({"max_drop": 0.1, "weight_solver": "bitsplit-sequential"}, "use rtn or bitsplit"),
     ({"max_drop": 0.1, "candidates": "w9"}, "--candidates"),
 ])
