@@ -82,10 +82,12 @@ def layer_encoding(layer: LayerPlan, goal: str) -> str:
 
 def layer_storage_bytes(layer: LayerPlan | TablePlan, goal: str, encoding: str | None = None) -> int:
     """``storage_bytes`` of ``layer`` as planned (or in ``encoding``). A lookup table [V, D] counts as a
-    weight of D channels without bias: ``int8``, or ``int4-cast`` at 4 bits (one scale per column)."""
+    weight of D channels without bias: ``int8``, ``int4-cast`` at 4 bits or ``int2-cast`` at 2 (one scale
+    per column)."""
     if isinstance(layer, TablePlan):
         shape = layer.table.shape
-        return storage_bytes(encoding or ("int8" if layer.bits == 8 else "int4-cast"), shape, shape[1], False)
+        packed = {8: "int8", 4: "int4-cast", 2: "int2-cast"}[layer.bits]
+        return storage_bytes(encoding or packed, shape, shape[1], False)
     return storage_bytes(encoding or layer_encoding(layer, goal), layer.weight.shape,
                          layer.channels, layer.bias is not None,
                          layer.grid.block_size or 32)

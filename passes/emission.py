@@ -16,7 +16,7 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
   tied tensors repeat their root's (s, z) so onnxruntime can drop the pair; constant inputs are
   stored as uint8 codes behind a DequantizeLinear;
 * lookup tables (``plan.tables``) become int8 codes that the Gather reads, dequantized after it
-  (4-bit tables: int4 → Cast(int8) → Gather, the Cast folded at load).
+  (4-bit tables: int4 → Cast(int8) → Gather, the Cast folded at load; 2-bit tables the same from int2).
 
 **Activations below 8 bits on int8 kernels** (goals ``speed`` and ``size``). A b-bit grid (s, z) has
 codes [0, Q], Q = 2ᵇ − 1. It is written as one uint8 pair with the codes clipped in between:
@@ -184,12 +184,13 @@ class _Writer:
 
     def gathered_codes(self, node: ir.Node, table: TablePlan) -> None:
         """Make Gather ``node`` look up ``table``'s int8 codes instead of its float values and
-        dequantize what it gathers along the last axis with the per-column scale. 4-bit codes are
-        stored packed (int4) and Cast to int8 before the lookup (folded at load). The dequantized value
+        dequantize what it gathers along the last axis with the per-column scale. 4- and 2-bit codes are
+        stored packed (int4, int2) and Cast to int8 before the lookup (folded at load). The dequantized value
         takes the Gather output's name, so activation plans keyed on it apply to it."""
         name, codes = table.name, table.codes()
         packed = table.bits != 8
-        stored = add_initializer(self.graph, f"{name}_quantized", codes.astype(ml_dtypes.int4) if packed else codes)
+        stored = add_initializer(self.graph, f"{name}_quantized",
+                                 codes.astype(PACKED[f"int{table.bits}"]) if packed else codes)
         if packed:
             stored = self._unpacked(stored, ir.DataType.INT8, name, node).outputs[0]
         node.replace_input_with(0, stored)
@@ -301,7 +302,7 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     storages = {l.grid.storage for l in plan.layers.values()}
     opset21 = plan.goal == "generic" or "int4" in storages or any(t.bits == 4 for t in plan.tables.values()) \
         or any(_narrow(plan, a) for a in plan.activations.values())
-    opset = 25 if "int2" in storages else 21 if opset21 else 13
+    opset = 25 if "int2" in storages or any(t.bits == 2 for t in plan.tables.values()) else 21 if opset21 else 13
     model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), opset))
     graph = model.graph
     nodes = {n.name: n for n in graph}

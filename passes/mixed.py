@@ -52,7 +52,7 @@ parallel mode: one capture of the fp32 responses serves every width): measured, 
 chosen, emitted as such (``replan`` carries a fit's weights and bias along with its grid).
 
 Lookup tables (``plan.tables``, embeddings read by Gather) are rows of the program too: at a
-candidate of 8 or 4 weight bits the table is stored at that width (``passes/tables.py``), at float
+candidate of 8, 4 or 2 weight bits the table is stored at that width (``passes/tables.py``), at float
 float; the other candidates are not offered. Its ΔL is measured like a layer's (the table replaced by
 T̂), its bytes are the codes and per-column scales, its BOPs and latency 0 (a lookup computes
 nothing). MiniLM-L6's int8 word-embedding table alone is 0.13× of its fp32 file, so without a 4-bit
@@ -105,7 +105,7 @@ SWEEP_POINTS = 8
 def table_widths(candidates: list[Candidate]) -> list[int | None]:
     """Per candidate, the width a lookup table takes at it: the weight bits where a table can be stored
     at them (``TABLE_BITS``; the first such candidate only, the others would repeat it), ``FLOAT_BITS``
-    for float, None where it cannot (2 and 3 bits, which emission has no table encoding for)."""
+    for float, None where it cannot (3 bits, which emission has no table encoding for)."""
     widths, seen = [], set()
     for c in candidates:
         w = FLOAT_BITS if c.w_bits is None else c.w_bits if c.w_bits in TABLE_BITS else None

@@ -1,4 +1,4 @@
-"""Gather lookup tables stored as int8 (or, under a mixed-precision budget, int4) codes: structure,
+"""Gather lookup tables stored as int8 (or, under a mixed-precision budget, int4 or int2) codes: structure,
 codes, numerics, sensitivity, and what stays float."""
 
 import numpy as np
@@ -72,25 +72,28 @@ def test_shared_and_excluded_tables_stay_float(rng, tmp_path):
     assert not any(p["name"] == "tables" and p.get("notes") for p in result.report["passes"])
 
 
-def test_mixed_precision_keeps_tables_quantized_and_stores_them_at_4_bits_when_the_budget_needs(rng, tmp_path):
-    """The program has a row for the table (8 bits, 4 bits or float). Under 0.34× of fp32 it keeps it
-    int8 (re-planning the layers once dropped every table, which wrote a float table over budget);
-    under 0.22× only a 4-bit table fits: packed int4 codes → Cast(int8) → Gather → DequantizeLinear,
-    which onnxruntime runs with the Cast folded away and looks up exactly q·s, |q| ≤ 7."""
+@pytest.mark.parametrize("budget, bits", [(0.22, 4), (0.16, 2)])
+def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_needs(rng, tmp_path, budget, bits):
+    """The program has a row for the table (8, 4 or 2 bits, or float; not 3). Under 0.34× of fp32 it keeps
+    it int8 (re-planning the layers once dropped every table, which wrote a float table over budget);
+    under 0.22× only a 4-bit table fits, under 0.16× only a 2-bit one: packed int4 (int2) codes →
+    Cast(int8) → Gather → DequantizeLinear, which onnxruntime runs with the Cast folded away and looks
+    up exactly q·s, |q| ≤ 7 (1)."""
     model = embedding_model(rng)
     fp32_table = numpy_helper.to_array(model.graph.initializer[0])
-    for budget, bits in ((0.34, 8), (0.22, 4)):
-        path, out, result = compile_ids(model, rng, tmp_path, size_ratio=budget, target="ort-cpu-size")
-        assert out.stat().st_size <= budget * path.stat().st_size
+    qmax = 2 ** (bits - 1) - 1
+    for size_ratio, width in ((0.34, 8), (budget, bits)):
+        path, out, result = compile_ids(model, rng, tmp_path, size_ratio=size_ratio, target="ort-cpu-size")
+        assert out.stat().st_size <= size_ratio * path.stat().st_size
         q = onnx.load(out)
         inits = {i.name: i for i in q.graph.initializer}
         assert "table" not in inits
         row = next(r for r in result.report["mixed"]["layers"] if r["op"] == "Gather")
-        assert row["choice"] == f"int{bits} table" and row["bytes"]["w2a8"] is None
+        assert row["choice"] == f"int{width} table" and row["bytes"]["w3a8"] is None
         codes = inits["table_quantized"]
-        assert codes.data_type == (TensorProto.INT8 if bits == 8 else TensorProto.INT4)
+        assert codes.data_type == {8: TensorProto.INT8, 4: TensorProto.INT4, 2: TensorProto.INT2}[width]
     scale = numpy_helper.to_array(inits["table_scale"])
-    np.testing.assert_allclose(scale, np.abs(fp32_table).max(0) / 7, rtol=1e-6)
+    np.testing.assert_allclose(scale, np.abs(fp32_table).max(0) / qmax, rtol=1e-6)
     gather = next(n for n in q.graph.node if n.op_type == "Gather")
     cast = next(n for n in q.graph.node if n.output[0] == gather.input[0])
     assert cast.op_type == "Cast" and cast.input[0] == "table_quantized"
@@ -99,13 +102,13 @@ def test_mixed_precision_keeps_tables_quantized_and_stores_them_at_4_bits_when_t
     ids = rng.integers(0, V, (3, 4)).astype(np.int64)
     q.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
     got = session(q).run([dq.output[0]], {"ids": ids})[0]
-    want_codes = np.clip(np.rint(fp32_table / scale), -7, 7)
+    want_codes = np.clip(np.rint(fp32_table / scale), -qmax, qmax)
     np.testing.assert_array_equal(got, (want_codes * scale).astype(np.float32)[ids])
     # ΔL of each table width: the KL of the logits y = T[ids]·W with T replaced by T̂, on the probe's 16 samples
     probe_ids = np.load(tmp_path / "calib.npz")["ids"][:SAMPLES]
     w = numpy_helper.to_array(model.graph.initializer[1])
-    for label, qmax in (("w8a8", 127), ("w4a8", 7)):
-        s = np.abs(fp32_table).max(0) / qmax
-        table_hat = (np.clip(np.rint(fp32_table / s), -qmax, qmax) * s).astype(np.float32)
+    for label, label_qmax in (("w8a8", 127), ("w4a8", 7), ("w2a8", 1)):
+        s = np.abs(fp32_table).max(0) / label_qmax
+        table_hat = (np.clip(np.rint(fp32_table / s), -label_qmax, label_qmax) * s).astype(np.float32)
         want = mean_kl(fp32_table[probe_ids] @ w, table_hat[probe_ids] @ w, False)
         assert row["loss"][label] == pytest.approx(want, rel=1e-3)
