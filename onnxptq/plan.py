@@ -122,29 +122,36 @@ class ActivationPlan:
 @dataclass
 class TablePlan:
     """A constant float table T [V, D] read by a Gather along axis 0 (an embedding): stored as signed
-    ``bits``-bit codes (8, or 4 packed two per byte) with one symmetric scale per column d, gathered as
-    codes and dequantized after the lookup, T̂[v, d] = q[v, d]·s_d, |q| ≤ 2^(bits−1) − 1. No kernel
-    computes on it, so it only shrinks the file and memory."""
+    ``bits``-bit codes (8, or 4 or 2 packed) with one asymmetric grid per column d (scale s_d, int8 zero
+    point z_d; ``kernels.quant.affine_rows``), gathered as codes and dequantized after the lookup,
+    T̂[v, d] = (q[v, d] − z_d)·s_d, q in [−2^(bits−1), 2^(bits−1) − 1]. No kernel computes on it, so it
+    only shrinks the file and memory, and its grid can use every code."""
 
     node: str
     name: str
     table: np.ndarray
     scale: np.ndarray
+    zero_point: np.ndarray
     bits: int = 8
 
     op_type = "Gather"  # the node that reads it
+
+    @property
+    def qmin(self) -> int:
+        return -symmetric_qmax(self.bits) - 1
 
     @property
     def qmax(self) -> int:
         return symmetric_qmax(self.bits)
 
     def codes(self) -> np.ndarray:
-        """The int8 codes q = clip(rint(T / s), −qmax, qmax)."""
-        return quantize(self.table, self.scale[None, :], 0, -self.qmax, self.qmax).astype(np.int8)
+        """The int8 codes q = clip(rint(T / s) + z, qmin, qmax)."""
+        return quantize(self.table, self.scale[None, :], self.zero_point[None, :], self.qmin, self.qmax
+                        ).astype(np.int8)
 
     def dequantized(self) -> np.ndarray:
-        """T̂ = q·s, the values the emitted lookup returns."""
-        return dequantize(self.codes(), self.scale[None, :].astype(np.float32), 0)
+        """T̂ = (q − z)·s, the values the emitted lookup returns."""
+        return dequantize(self.codes(), self.scale[None, :].astype(np.float32), self.zero_point[None, :])
 
 
 @dataclass

@@ -184,7 +184,7 @@ class _Writer:
 
     def gathered_codes(self, node: ir.Node, table: TablePlan) -> None:
         """Make Gather ``node`` look up ``table``'s int8 codes instead of its float values and
-        dequantize what it gathers along the last axis with the per-column scale. 4- and 2-bit codes are
+        dequantize what it gathers along the last axis with the per-column scale and zero point. 4- and 2-bit codes are
         stored packed (int4, int2) and Cast to int8 before the lookup (folded at load). The dequantized value
         takes the Gather output's name, so activation plans keyed on it apply to it."""
         name, codes = table.name, table.codes()
@@ -196,7 +196,7 @@ class _Writer:
         node.replace_input_with(0, stored)
         value = node.outputs[0]
         s = add_initializer(self.graph, f"{name}_scale", table.scale.astype(np.float32))
-        z = add_initializer(self.graph, f"{name}_zero_point", np.zeros(len(table.scale), np.int8))
+        z = add_initializer(self.graph, f"{name}_zero_point", table.zero_point.astype(np.int8))
         dq = ir.node("DequantizeLinear", [value, s, z], {"axis": -1}, name=f"{name}_DequantizeLinear")
         out = dq.outputs[0]
         out.type, out.shape = value.type, value.shape

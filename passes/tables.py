@@ -2,9 +2,10 @@
 
 A Gather whose data is a constant float matrix T [V, D] (axis 0, computed indices) looks up rows of
 a table that can dwarf the rest of the model (MiniLM's 30522×384 word embeddings are half its file).
-Stored as b-bit codes with one symmetric scale per column, s_d = range(T[:, d]) / (2^(b−1) − 1)
-(min-max or MSE clip search, ``--weight-method``), the Gather moves codes and one DequantizeLinear
-along the last axis restores T̂[v, d] = q[v, d]·s_d for the rows looked up: no full-table
+Stored as b-bit codes with one asymmetric grid per column (scale s_d and zero point z_d over all 2^b
+codes, min-max or MSE clip search, ``--weight-method``; ``kernels.quant.affine_rows``), the Gather moves
+codes and one DequantizeLinear along the last axis restores T̂[v, d] = (q[v, d] − z_d)·s_d for the rows
+looked up: no full-table
 dequantization per run. Per column rather than per row because a per-row scale would need its own
 lookup, which no standard DequantizeLinear expresses. Tables shared with another node (tied weights)
 stay float.
@@ -13,8 +14,8 @@ This pass plans every table at 8 bits (4× smaller than float); mixed precision 
 (``fit_table``), stored packed two (int4) or four (int2, opset 25) codes per byte and Cast to int8
 before the Gather — onnxruntime folds the Cast of a constant at load, so the file holds 8× or 16× less
 than float and the lookup runs on int8. At 2 bits a column's codes are −1, 0, 1: MiniLM-L6's word
-embeddings (half its weights) fake-quantized so keep a mean output cosine of 0.907 to fp32 with MSE
-scales (0.284 min-max; 4 bits: 0.997), a loss the integer program weighs against 2-bit layers.
+embeddings (half its weights) fake-quantized so keep a mean output cosine of 0.974 to fp32 (MSE range;
+on a symmetric grid, three levels, 0.907), a loss the integer program weighs against 2-bit layers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxptq.graph import attr, const
-from onnxptq.kernels.quant import channel_rows, row_scales, symmetric_qmax
+from onnxptq.kernels.quant import affine_rows, channel_rows, symmetric_qmax
 from onnxptq.passes.select import excluded
 from onnxptq.plan import TablePlan
 from onnxptq.state import CompileState
@@ -35,8 +36,9 @@ def fit_table(node: str, name: str, table: np.ndarray, bits: int, method: str) -
     its per-column scales fitted by ``method``."""
     if bits not in TABLE_BITS:
         raise ValueError(f"a table is stored at {TABLE_BITS} bits, not {bits}")
-    scale = row_scales(channel_rows(table, 1), symmetric_qmax(bits), method)
-    return TablePlan(node=node, name=name, table=table, scale=scale, bits=bits)
+    qmax = symmetric_qmax(bits)
+    scale, zero_point = affine_rows(channel_rows(table, 1), -qmax - 1, qmax, method)
+    return TablePlan(node=node, name=name, table=table, scale=scale, zero_point=zero_point, bits=bits)
 
 
 class TablePass:

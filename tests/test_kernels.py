@@ -3,8 +3,8 @@ import pytest
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxptq.kernels.quant import (affine_params, block_rows, broadcast_channel, fake_quantize, mse_symmetric_scales,
-                                   quantize, symmetric_scales)
+from onnxptq.kernels.quant import (affine_params, affine_rows, block_rows, broadcast_channel, fake_quantize,
+                                   mse_symmetric_scales, quantize, symmetric_scales)
 from onnxptq.kernels.ranges import Histogram, RangeStat, select_range
 
 
@@ -52,6 +52,26 @@ def test_mse_weight_scales_never_worse_than_minmax(rng):
     err = lambda s: ((w - fake_quantize(w, s[:, None], 0, -7, 7)) ** 2).sum(1)  # noqa: E731
     assert np.all(err(s_mse) <= err(s_mm) + 1e-9)
     assert np.any(err(s_mse) < err(s_mm) * 0.95), "heavy tails should be clipped for a lower error"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_affine_rows_use_every_code_and_mse_is_never_worse(rng, bits):
+    """Min-max: each row's lowest and highest value (0 included) land on the end codes; MSE: no row's
+    error above min-max's, heavy tails clipped for less below 8 bits; a row far from 0 keeps an int8 zero
+    point."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w = rng.standard_t(3, size=(12, 500)).astype(np.float32)
+    w[0] = rng.uniform(40, 41, 500)  # all positive, far from 0
+    err = lambda s, z: ((w - fake_quantize(w, s[:, None], z[:, None], qmin, qmax)) ** 2).sum(1)  # noqa: E731
+    s_mm, z_mm = affine_rows(w, qmin, qmax, "minmax")
+    codes = quantize(w, s_mm[:, None], z_mm[:, None], qmin, qmax)
+    assert np.all(codes[1:].min(1) == qmin) and np.all(codes[1:].max(1) == qmax)
+    np.testing.assert_allclose(s_mm[1:], (w[1:].max(1) - w[1:].min(1)) / (qmax - qmin), rtol=1e-5)
+    s_mse, z_mse = affine_rows(w, qmin, qmax, "mse")
+    assert np.all(err(s_mse, z_mse) <= err(s_mm, z_mm) * (1 + 1e-6))
+    if bits < 8:  # (with 256 codes the grid search's steps of 0.02 find nothing better than the range)
+        assert np.mean(err(s_mse, z_mse)[1:] < 0.9 * err(s_mm, z_mm)[1:]) > 0.5, "heavy tails are clipped"
+    assert np.all((-128 <= z_mse) & (z_mse <= 127)) and np.all((-128 <= z_mm) & (z_mm <= 127))
 
 
 def test_block_rows_layout():

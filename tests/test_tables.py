@@ -30,6 +30,21 @@ def embedding_model(rng: np.random.Generator, tied: bool = False) -> onnx.ModelP
     return make_model(nodes, [ids], outputs, inits)
 
 
+def affine_grid(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Min-max asymmetric grid per column over all 2^bits codes: s = (hi − lo)/(2^bits − 1) with
+    lo = min(T[:, d], 0), hi = max(T[:, d], 0), z = rint(−2^(bits−1) − lo/s)."""
+    lo, hi = np.minimum(table.min(0), 0), np.maximum(table.max(0), 0)
+    scale = ((hi - lo) / (2**bits - 1)).astype(np.float32)
+    return scale, np.rint(-(2 ** (bits - 1)) - lo / scale).astype(np.int64)
+
+
+def fake_table(table: np.ndarray, bits: int) -> np.ndarray:
+    """T̂ on the min-max asymmetric grid of ``affine_grid``."""
+    scale, zero = affine_grid(table, bits)
+    q = np.clip(np.rint(table / scale) + zero, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return ((q - zero) * scale).astype(np.float32)
+
+
 def compile_ids(model, rng, tmp_path, **options):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
@@ -46,10 +61,13 @@ def test_table_is_gathered_as_codes_and_dequantized_per_column(rng, tmp_path):
     q = onnx.load(out)
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     gather = next(n for n in q.graph.node if n.op_type == "Gather")
-    codes, scale = inits[gather.input[0]], inits["table_scale"]
+    codes, scale, zero = inits[gather.input[0]], inits["table_scale"], inits["table_zero_point"]
     assert codes.dtype == np.int8 and codes.shape == (V, D) and "table" not in inits
-    np.testing.assert_allclose(scale, np.abs(table).max(0) / 127, rtol=1e-6)
-    np.testing.assert_array_equal(codes, np.rint(table / scale).astype(np.int8))
+    want_scale, want_zero = affine_grid(table, 8)
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-6)
+    np.testing.assert_array_equal(zero, want_zero)
+    np.testing.assert_array_equal(codes, np.clip(np.rint(table / scale) + zero, -128, 127).astype(np.int8))
+    assert codes.min() == -128 and codes.max() == 127, "min-max: both ends of every column's range are codes"
     dq = next(n for n in q.graph.node if gather.output[0] in n.input)
     assert dq.op_type == "DequantizeLinear" and helper.get_attribute_value(dq.attribute[0]) == -1
     # the lookup of codes, dequantized, is exactly T̂ = q·s at the looked-up rows
@@ -58,7 +76,7 @@ def test_table_is_gathered_as_codes_and_dequantized_per_column(rng, tmp_path):
     probe.CopyFrom(q)
     probe.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
     got = session(probe).run([dq.output[0]], {"ids": ids})[0]
-    np.testing.assert_array_equal(got, (codes.astype(np.float32) * scale)[ids])
+    np.testing.assert_array_equal(got, ((codes.astype(np.float32) - zero) * scale)[ids])
     assert result.report["verification"]["coverage"] == 1.0
     assert out.stat().st_size < 0.4 * path.stat().st_size
 
@@ -78,10 +96,9 @@ def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_n
     it int8 (re-planning the layers once dropped every table, which wrote a float table over budget);
     under 0.22× only a 4-bit table fits, under 0.16× only a 2-bit one: packed int4 (int2) codes →
     Cast(int8) → Gather → DequantizeLinear, which onnxruntime runs with the Cast folded away and looks
-    up exactly q·s, |q| ≤ 7 (1)."""
+    up exactly (q − z)·s, q in [−8, 7] ([−2, 1])."""
     model = embedding_model(rng)
     fp32_table = numpy_helper.to_array(model.graph.initializer[0])
-    qmax = 2 ** (bits - 1) - 1
     for size_ratio, width in ((0.34, 8), (budget, bits)):
         path, out, result = compile_ids(model, rng, tmp_path, size_ratio=size_ratio, target="ort-cpu-size")
         assert out.stat().st_size <= size_ratio * path.stat().st_size
@@ -92,8 +109,7 @@ def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_n
         assert row["choice"] == f"int{width} table" and row["bytes"]["w3a8"] is None
         codes = inits["table_quantized"]
         assert codes.data_type == {8: TensorProto.INT8, 4: TensorProto.INT4, 2: TensorProto.INT2}[width]
-    scale = numpy_helper.to_array(inits["table_scale"])
-    np.testing.assert_allclose(scale, np.abs(fp32_table).max(0) / qmax, rtol=1e-6)
+    np.testing.assert_allclose(numpy_helper.to_array(inits["table_scale"]), affine_grid(fp32_table, bits)[0], rtol=1e-6)
     gather = next(n for n in q.graph.node if n.op_type == "Gather")
     cast = next(n for n in q.graph.node if n.output[0] == gather.input[0])
     assert cast.op_type == "Cast" and cast.input[0] == "table_quantized"
@@ -102,13 +118,11 @@ def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_n
     ids = rng.integers(0, V, (3, 4)).astype(np.int64)
     q.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
     got = session(q).run([dq.output[0]], {"ids": ids})[0]
-    want_codes = np.clip(np.rint(fp32_table / scale), -qmax, qmax)
-    np.testing.assert_array_equal(got, (want_codes * scale).astype(np.float32)[ids])
+    np.testing.assert_array_equal(got, fake_table(fp32_table, bits)[ids])
     # ΔL of each table width: the KL of the logits y = T[ids]·W with T replaced by T̂, on the probe's 16 samples
     probe_ids = np.load(tmp_path / "calib.npz")["ids"][:SAMPLES]
     w = numpy_helper.to_array(model.graph.initializer[1])
-    for label, label_qmax in (("w8a8", 127), ("w4a8", 7), ("w2a8", 1)):
-        s = np.abs(fp32_table).max(0) / label_qmax
-        table_hat = (np.clip(np.rint(fp32_table / s), -label_qmax, label_qmax) * s).astype(np.float32)
+    for label, width in (("w8a8", 8), ("w4a8", 4), ("w2a8", 2)):
+        table_hat = fake_table(fp32_table, width)
         want = mean_kl(fp32_table[probe_ids] @ w, table_hat[probe_ids] @ w, False)
         assert row["loss"][label] == pytest.approx(want, rel=1e-3)
