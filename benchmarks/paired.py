@@ -4,7 +4,7 @@
 
 Per eval sample, each model's distance to the fp32 outputs (KL(p_fp32 ‖ p) for class scores, averaged
 over positions such as PP-OCR's time steps; else 1 − cosine) and its top-1 agreement with fp32 (the
-fraction of positions whose argmax is fp32's; outputs with scores on the last axis). For each measure: both means, how
+fraction of positions whose argmax is fp32's; class scores and probabilities only). For each measure: both means, how
 many samples favour A and how many B, the two-sided sign-test p-value of that split (the chance of a
 split at least as uneven if neither model were better: 2·P[X ≤ min(a, b)], X ~ Binomial(a + b, ½)),
 and for the distance a 95% bootstrap interval of mean(d_A − d_B) (2000 resamples, seed 0). For class
@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from benchmarks.run import EXAMPLES, VARIANTS
-from onnxptq.metrics import is_classifier_like, log_probabilities
+from onnxptq.metrics import log_probabilities
 
 BOOTSTRAP = 2000
 NEAR_TIE = 0.05
@@ -40,13 +40,19 @@ def sign_test(a: int, b: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+def probabilities(scores: np.ndarray) -> bool:
+    """Whether ``scores`` hold probabilities over their last axis (non-negative, each row summing to 1):
+    class scores even where the graph computes its softmax from basic ops (magika)."""
+    return scores.ndim >= 2 and bool(np.all(scores >= 0)) and bool(np.allclose(scores.sum(axis=-1), 1, atol=1e-3))
+
+
 def per_sample(ref: np.ndarray, test: np.ndarray, normalized: bool | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(distance, top-1 agreement) per sample: KL for class scores (``normalized`` True/False as
     ``float_outputs`` says), else 1 − cosine; argmax agreement averaged over a sample's positions for
-    any output with scores on its last axis (else None)."""
+    class scores and probabilities (else None: an embedding's argmax means nothing)."""
     n = len(ref)
     agree = ((np.argmax(ref, axis=-1) == np.argmax(test, axis=-1)).reshape(n, -1).mean(axis=1)
-             if is_classifier_like(ref) else None)
+             if normalized is not None or probabilities(ref) else None)
     if normalized is None:
         a, b = np.asarray(ref, np.float64).reshape(n, -1), np.asarray(test, np.float64).reshape(n, -1)
         den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
