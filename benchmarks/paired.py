@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from benchmarks.run import EXAMPLES, VARIANTS
-from onnxptq.metrics import log_probabilities
+from onnxptq.metrics import kl_divergence, log_probabilities, sample_cosines
 
 BOOTSTRAP = 2000
 NEAR_TIE = 0.05
@@ -54,11 +54,8 @@ def per_sample(ref: np.ndarray, test: np.ndarray, normalized: bool | None) -> tu
     agree = ((np.argmax(ref, axis=-1) == np.argmax(test, axis=-1)).reshape(n, -1).mean(axis=1)
              if normalized is not None or probabilities(ref) else None)
     if normalized is None:
-        a, b = np.asarray(ref, np.float64).reshape(n, -1), np.asarray(test, np.float64).reshape(n, -1)
-        den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-        return 1.0 - (a * b).sum(axis=1) / den, agree
-    log_p, log_q = log_probabilities(ref, normalized), log_probabilities(test, normalized)
-    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).reshape(n, -1).mean(axis=1), agree
+        return 1.0 - sample_cosines(ref, test), agree
+    return kl_divergence(ref, test, normalized).reshape(n, -1).mean(axis=1), agree
 
 
 def split(a: np.ndarray, b: np.ndarray, lower_is_better: bool) -> dict:

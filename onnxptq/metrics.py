@@ -15,13 +15,17 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
-def cosine(ref: np.ndarray, test: np.ndarray) -> float:
-    """Cosine similarity of the two outputs, flattened per sample and averaged over samples."""
+def sample_cosines(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Cosine similarity of the two outputs per sample (axis 0), each flattened; 1 where either is 0."""
     a = np.asarray(ref, np.float64).reshape(len(ref), -1)
     b = np.asarray(test, np.float64).reshape(len(test), -1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    sims = np.where(den > 0, (a * b).sum(axis=1) / np.maximum(den, 1e-30), 1.0)
-    return float(sims.mean())
+    return np.where(den > 0, (a * b).sum(axis=1) / np.maximum(den, 1e-30), 1.0)
+
+
+def cosine(ref: np.ndarray, test: np.ndarray) -> float:
+    """Cosine similarity of the two outputs, flattened per sample and averaged over samples."""
+    return float(sample_cosines(ref, test).mean())
 
 
 def is_classifier_like(output: np.ndarray) -> bool:
@@ -59,8 +63,13 @@ def log_probabilities(scores: np.ndarray, normalized: bool = False) -> np.ndarra
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def mean_kl(ref: np.ndarray, test: np.ndarray, normalized: bool = False) -> float:
-    """KL(p_ref ‖ p_test) = Σ_i p_ref,i·(log p_ref,i − log p_test,i) over the last axis, averaged over
-    all other positions; inputs are logits, or probabilities when ``normalized``."""
+def kl_divergence(ref: np.ndarray, test: np.ndarray, normalized: bool = False) -> np.ndarray:
+    """KL(p_ref ‖ p_test) = Σ_i p_ref,i·(log p_ref,i − log p_test,i) over the last axis, at every other
+    position; inputs are logits, or probabilities when ``normalized``."""
     log_p, log_q = log_probabilities(ref, normalized), log_probabilities(test, normalized)
-    return float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def mean_kl(ref: np.ndarray, test: np.ndarray, normalized: bool = False) -> float:
+    """``kl_divergence`` averaged over all positions."""
+    return float(kl_divergence(ref, test, normalized).mean())

@@ -299,10 +299,9 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
     Node names are kept, so a planned layer is found in the result by its name.
     """
     # int4 tensors need opset 21 (int2 25); the generic target promises opset-21 QDQ at every bit width.
-    storages = {l.grid.storage for l in plan.layers.values()}
-    opset21 = plan.goal == "generic" or "int4" in storages or any(t.bits == 4 for t in plan.tables.values()) \
-        or any(_narrow(plan, a) for a in plan.activations.values())
-    opset = 25 if "int2" in storages or any(t.bits == 2 for t in plan.tables.values()) else 21 if opset21 else 13
+    storages = {l.grid.storage for l in plan.layers.values()} | {f"int{t.bits}" for t in plan.tables.values()}
+    opset21 = plan.goal == "generic" or "int4" in storages or any(_narrow(plan, a) for a in plan.activations.values())
+    opset = 25 if "int2" in storages else 21 if opset21 else 13
     model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), opset))
     graph = model.graph
     nodes = {n.name: n for n in graph}

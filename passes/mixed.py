@@ -54,7 +54,7 @@ chosen, emitted as such (``replan`` carries a fit's weights and bias along with 
 Lookup tables (``plan.tables``, embeddings read by Gather) are rows of the program too: at a
 candidate of 8, 4 or 2 weight bits the table is stored at that width (``passes/tables.py``), at float
 float; the other candidates are not offered. Its ΔL is measured like a layer's (the table replaced by
-T̂), its bytes are the codes and per-column scales, its BOPs and latency 0 (a lookup computes
+T̂), its bytes are the codes and per-column scales and zero points, its BOPs and latency 0 (a lookup computes
 nothing). MiniLM-L6's int8 word-embedding table alone is 0.13× of its fp32 file, so without a 4-bit
 table no budget near that is reachable.
 

@@ -13,7 +13,7 @@ stay float.
 This pass plans every table at 8 bits (4× smaller than float); mixed precision may choose 4 or 2 bits
 (``fit_table``), stored packed two (int4) or four (int2, opset 25) codes per byte and Cast to int8
 before the Gather — onnxruntime folds the Cast of a constant at load, so the file holds 8× or 16× less
-than float and the lookup runs on int8. At 2 bits a column's codes are −1, 0, 1: MiniLM-L6's word
+than float and the lookup runs on int8. At 2 bits a column has four levels (codes −2 … 1): MiniLM-L6's word
 embeddings (half its weights) fake-quantized so keep a mean output cosine of 0.974 to fp32 (MSE range;
 on a symmetric grid, three levels, 0.907), a loss the integer program weighs against 2-bit layers.
 """
@@ -33,7 +33,7 @@ TABLE_BITS = (8, 4, 2)  # the widths a table can be stored at
 
 def fit_table(node: str, name: str, table: np.ndarray, bits: int, method: str) -> TablePlan:
     """The plan of table ``name`` [V, D] read by Gather ``node`` at ``bits`` (one of ``TABLE_BITS``):
-    its per-column scales fitted by ``method``."""
+    its per-column scales and zero points fitted by ``method``."""
     if bits not in TABLE_BITS:
         raise ValueError(f"a table is stored at {TABLE_BITS} bits, not {bits}")
     qmax = symmetric_qmax(bits)
