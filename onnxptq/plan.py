@@ -17,6 +17,7 @@ Passes read and refine the plan; only the emission pass turns it into Q/DQ nodes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,11 @@ class LayerPlan:
     def channels(self) -> int:
         """Number of output channels."""
         return self.weight.shape[self.weight_channel_axis]
+
+    def copy(self) -> LayerPlan:
+        """A copy whose grid can be rewritten without touching this plan's (the passes replace weight,
+        bias and scale arrays, never write into them, so those are shared)."""
+        return dataclasses.replace(self, grid=dataclasses.replace(self.grid))
 
     def dequantized(self) -> np.ndarray:
         """ŵ = q·s, the float weight emission's codes stand for, in the weight's own layout."""

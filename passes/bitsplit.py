@@ -120,7 +120,7 @@ class BitSplitPass:
         start = time.perf_counter()
         reverted: set[str] = set()
         mode = solver.partition("-")[2] or "parallel"
-        rtn = {layer.node: (snapshot(state, layer), dataclasses.replace(layer, grid=dataclasses.replace(layer.grid)))
+        rtn = {layer.node: (snapshot(state, layer), layer.copy())
                for layer in layers} if mode == "parallel" else {}
         rows = [solve_layer(state, layer, stats) for layer, stats in layer_statistics(state, layers, mode, reverted)]
         capture_s = time.perf_counter() - start - sum(r["seconds"] for r in rows)

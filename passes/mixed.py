@@ -451,7 +451,7 @@ class MixedPrecisionPass:
                       if f is not None and f.grid.bits in BITS]
             stats = response_stats(state, [l for l in layers if l.node in {name for name, _, _ in solved}], MAX_ROWS)
             for name, j, f in solved:
-                rtn = dataclasses.replace(f, grid=dataclasses.replace(f.grid))
+                rtn = f.copy()
                 if solve_layer(state, f, stats[name])["kept"]:
                     alternatives[name, j] = rtn
             state.report.note(MixedPrecisionPass.name, f"bitsplit: {len(alternatives)} of {len(solved)} 2–4-bit "

@@ -28,7 +28,7 @@ def restandardized(state: CompileState, probe: Probe, layer: LayerPlan, target: 
                    ) -> LayerPlan:
     """A copy of ``layer`` as BN re-estimation would leave it were it the only quantized layer: its
     output's per-channel moments measured on ``probe`` (which observes it), mapped to ``target``."""
-    copy = dataclasses.replace(layer, grid=dataclasses.replace(layer.grid))
+    copy = layer.copy()
     BNReestimatePass.restandardize(state, copy, probe.output_moments(copy), target)
     return copy
 
