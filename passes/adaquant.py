@@ -247,9 +247,10 @@ def _input_step_cap(state: CompileState, layer: LayerPlan, zero: int) -> float:
 
 
 def input_energy(x_spec: RowSpec, rows: int = 4096) -> float:
-    """Mean square of the cached input patch entries (the first ``rows`` rows): E‖x‖²/K."""
+    """Mean square of the cached input patch entries, E‖x‖²/K, over at most ``rows`` rows spread evenly
+    over the file (rows are cached batch after batch: the first ones would be the first samples')."""
     x = open_rows(x_spec)
-    return float(np.mean(np.square(x[:rows], dtype=np.float64)))
+    return float(np.mean(np.square(x[::max(1, -(-len(x) // rows))], dtype=np.float64)))
 
 
 def layer_problem(state: CompileState, layer: LayerPlan, io: LayerIO, y: np.ndarray,

@@ -28,6 +28,35 @@ def with_outputs(model: ir.Model, names: list[str]) -> onnx.ModelProto:
     return proto
 
 
+def calibrated_ranges(state: CompileState, bits: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """Each named tensor's range for a grid of ``bits[name]`` bits, by ``--calib-method`` over the fused
+    fp32 model's values on the calibration set (module doc)."""
+    opts = state.options
+    names = list(bits)
+    sess = runtime.session(with_outputs(state.model, names), threads=opts.threads, level="basic")
+    stats = {name: RangeStat() for name in names}
+    n_batches = -(-len(state.calib) // opts.batch_size)
+
+    def passes_over(description: str):
+        for feed in state.progress.track(state.calib.batches(opts.batch_size), description, n_batches):
+            yield dict(zip(names, sess.run(names, feed)))
+
+    for outs in passes_over("calibration: ranges"):
+        for name, x in outs.items():
+            if not np.isfinite(x).all():
+                raise InputError(f"the fp32 model produces NaN/Inf in tensor {name!r} on the calibration "
+                                 "data; check the inputs are preprocessed as the model expects")
+            stats[name].update(x)
+    hists = None
+    if needs_histogram(opts.calib_method):
+        hists = {name: Histogram(s.lo, s.hi) for name, s in stats.items()}
+        for outs in passes_over("calibration: histograms"):
+            for name, x in outs.items():
+                hists[name].update(x)
+    return {name: select_range(opts.calib_method, stats[name], hists and hists[name], bits[name], opts.percentile)
+            for name in names}
+
+
 class CalibrationPass:
     name = "calibration"
 
@@ -42,29 +71,7 @@ class CalibrationPass:
             if act.constant:
                 values = graph.initializers[act.name].const_value.numpy()
                 act.lo, act.hi = float(values.min()), float(values.max())
-        sess = runtime.session(with_outputs(state.model, roots), threads=opts.threads, level="basic")
-        stats = {name: RangeStat() for name in roots}
-        n_batches = -(-len(state.calib) // opts.batch_size)
-
-        def passes_over(description: str):
-            for feed in state.progress.track(state.calib.batches(opts.batch_size), description, n_batches):
-                yield dict(zip(roots, sess.run(roots, feed)))
-
-        for outs in passes_over("calibration: ranges"):
-            for name, x in outs.items():
-                if not np.isfinite(x).all():
-                    raise InputError(f"the fp32 model produces NaN/Inf in tensor {name!r} on the calibration "
-                                     "data; check the inputs are preprocessed as the model expects")
-                stats[name].update(x)
-        hists = None
-        if needs_histogram(opts.calib_method):
-            hists = {name: Histogram(s.lo, s.hi) for name, s in stats.items()}
-            for outs in passes_over("calibration: histograms"):
-                for name, x in outs.items():
-                    hists[name].update(x)
-        for name in roots:
-            act = plan.activations[name]
-            act.lo, act.hi = select_range(opts.calib_method, stats[name], hists and hists[name],
-                                          act.bits, opts.percentile)
+        for name, (lo, hi) in calibrated_ranges(state, {name: plan.activations[name].bits for name in roots}).items():
+            plan.activations[name].lo, plan.activations[name].hi = lo, hi
         state.report.note(self.name, f"{len(roots)} tensors over {len(state.calib)} samples, "
                                      f"method {opts.calib_method}")

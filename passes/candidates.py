@@ -16,7 +16,7 @@ from onnxptq.state import CompileOptions
 
 FLOAT_BITS = 32
 WEIGHT_BITS = (8, 4, 3, 2)
-ACTIVATION_BITS = (8,)  # 4-bit activations arrive with the 4-bit encodings
+ACTIVATION_BITS = (8, 4)
 BUDGETS = ("size_ratio", "bops_ratio", "latency_ratio", "max_drop")
 
 
@@ -47,8 +47,8 @@ def parse_candidates(text: str) -> list[Candidate]:
             cand = Candidate(int(match[1]), int(match[2] or 8))
         else:
             raise InputError(f"--candidates: bad candidate {token!r}; use comma-separated wNaM (weight bits N in "
-                             f"{', '.join(map(str, WEIGHT_BITS))}, activation bits M = 8) or float, "
-                             "e.g. w8a8,w4a8,float")
+                             f"{', '.join(map(str, WEIGHT_BITS))}, activation bits M in "
+                             f"{', '.join(map(str, ACTIVATION_BITS))}) or float, e.g. w8a8,w4a8,w4a4,float")
         if cand in found:
             raise InputError(f"--candidates lists {token!r} twice")
         found.append(cand)
@@ -80,13 +80,14 @@ def budget_of(options: CompileOptions) -> str | None:
 
 
 def dominated(candidates: list[Candidate], cost: np.ndarray) -> np.ndarray:
-    """[layers, candidates]: True where another candidate of the layer has more weight bits, the same
-    activation bits and no more cost (a 2-bit Conv stored as int8 codes costs the bytes of an 8-bit
-    one). Such candidates are not measured: more bits are assumed never to lose more."""
+    """[layers, candidates]: True where another candidate of the layer has at least as many weight and
+    activation bits, more of one, and no more cost (a 2-bit Conv stored as int8 codes costs the bytes of
+    an 8-bit one; a 4-bit input costs no byte less than an 8-bit one). Such candidates are not measured:
+    more bits are assumed never to lose more."""
     out = np.zeros(cost.shape, bool)
     for j, c in enumerate(candidates):
         for k, other in enumerate(candidates):
-            if c.w_bits is not None and other.w_bits is not None and other.w_bits > c.w_bits \
-                    and other.a_bits == c.a_bits:
+            if c.w_bits is not None and other.w_bits is not None and other != c \
+                    and other.w_bits >= c.w_bits and other.a_bits >= c.a_bits:
                 out[:, j] |= cost[:, k] <= cost[:, j]
     return out

@@ -2,11 +2,14 @@
 
 Runs after the weight grids (on the 8-bit plan every layer starts from) and before the corrections,
 which then correct the chosen mix. Candidates (``--candidates``, default ``w8a8,w4a8,w3a8,w2a8,float``)
-give weight and activation bits separately, or keep the layer float. For every planned layer l and
-candidate c:
+give weight and activation bits separately, or keep the layer float. Activation bits are those of the
+layer's input grid: at 4 bits a range calibrated for 16 codes (``narrow_inputs``), offered only to a
+layer that is that grid's one integer reader — a grid shared with a residual Add or a sibling layer
+has one width, and single-layer prices cannot share it out; under a size budget a 4-bit input saves
+no byte and is not measured (``dominated``). For every planned layer l and candidate c:
 
 * ΔL(l, c) — the sensitivity of ``passes/sensitivity.py`` (distance of the outputs to fp32 with only
-  layer l at c, on a fixed calibration subset); 0 for float. Where the pipeline's BN re-estimation
+  layer l at c — its weights and its input grid — on a fixed calibration subset); 0 for float. Where the pipeline's BN re-estimation
   will re-standardize layer l, it is measured re-standardized (``passes/pricing.py``): the program should
   price a layer as the corrections will leave it. Measured without, PP-OCRv4's Convs looked ruinous at
   4 bits (ΔL ≈ 0.9 for some) although BN re-estimation repairs uniform 4-bit to CER 0.037, and the
@@ -82,19 +85,21 @@ from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
 from onnxptq.latency_table import layer_latencies
+from onnxptq.passes.adaquant import movable_input_step
 from onnxptq.passes.bias_correction import BiasCorrectionPass, give_bias
 from onnxptq.passes.bitsplit import BITS, MAX_ROWS, outputs_prefer_fit, solve_layer
 from onnxptq.passes.bn_reestimate import BNReestimatePass
+from onnxptq.passes.calibration import calibrated_ranges
 from onnxptq.passes.candidates import FLOAT_BITS, Candidate, budget_of, dominated, parse_candidates
 from onnxptq.pareto import write_sweep
 from onnxptq.passes.emission import output_model
 from onnxptq.passes.pricing import LayerPricer
 from onnxptq.passes.select import SelectPass, weight_grid
-from onnxptq.passes.sensitivity import (Change, Reference, build_probe, output_distance, reference,
+from onnxptq.passes.sensitivity import (Change, InputGrid, Reference, build_probe, output_distance, reference,
                                         run_batches, subset)
 from onnxptq.passes.tables import TABLE_BITS, fit_table
 from onnxptq.passes.weights import WeightGridPass
-from onnxptq.plan import LayerPlan, QuantPlan, TablePlan
+from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan
 from onnxptq.state import CompileState, Report
 from onnxptq.target import resolve_target
 
@@ -132,10 +137,22 @@ def alone_float(state: CompileState, layers: list[str]) -> set[str]:
     return alone
 
 
-def replan(state: CompileState, old: QuantPlan, chosen: dict[str, LayerPlan | TablePlan | None]) -> None:
+def narrow_inputs(state: CompileState, layers: list[LayerPlan]) -> dict[str, ActivationPlan]:
+    """Per layer that can take a 4-bit input candidate, that input grid: 4 bits, range calibrated for
+    16 codes. Offered where the layer is its input grid's only integer reader (``movable_input_step``):
+    a grid read by several ops has one width, which single-layer prices cannot share out."""
+    eligible = {l.node: state.plan.root(l.input_name) for l in layers if movable_input_step(state, l)}
+    ranges = calibrated_ranges(state, {root.name: 4 for root in eligible.values()}) if eligible else {}
+    return {name: dataclasses.replace(root, bits=4, lo=ranges[root.name][0], hi=ranges[root.name][1])
+            for name, root in eligible.items()}
+
+
+def replan(state: CompileState, old: QuantPlan, chosen: dict[str, LayerPlan | TablePlan | None],
+           narrow: dict[str, ActivationPlan] | None = None) -> None:
     """Replace the plan by selection at the chosen per-layer bits (None: float), reusing ``old``'s
     calibrated ranges and the chosen candidates' fitted grids; ``old``'s tables take their chosen
-    widths (None: float)."""
+    widths (None: float). The layers in ``narrow`` read their input on the grid given there (a 4-bit
+    input candidate: bits and range)."""
     state.plan = QuantPlan(folded_bn=old.folded_bn, bounds=old.bounds)
     grids = {name: g for name, g in chosen.items() if name not in old.tables}
     bits = {name: None if g is None else g.grid.bits for name, g in grids.items()}
@@ -147,6 +164,9 @@ def replan(state: CompileState, old: QuantPlan, chosen: dict[str, LayerPlan | Ta
     for name, layer in state.plan.layers.items():  # a weight solver's fit: its weights, bias and grid
         fit = grids[name]
         layer.weight, layer.bias, layer.grid = fit.weight, fit.bias, dataclasses.replace(fit.grid)
+    for name, grid in (narrow or {}).items():
+        root = state.plan.root(state.plan.layers[name].input_name)
+        root.bits, root.lo, root.hi = grid.bits, grid.lo, grid.hi
     tables = {name: chosen.get(name, table) for name, table in old.tables.items()}
     state.plan.tables = {name: table for name, table in tables.items() if table is not None}
 
@@ -176,6 +196,8 @@ class Tables:
     contenders: list[dict] = dataclasses.field(default_factory=list)  # measured end to end (``_best_measured``)
     # (row, column) → round to nearest where ``fitted`` holds a weight solver's fit, priced beside it
     alternatives: dict[tuple[str, int], LayerPlan] = dataclasses.field(default_factory=dict)
+    # layer → its input's 4-bit grid, calibrated at 4 bits, where its 4-bit input candidates can be chosen
+    narrow: dict[str, ActivationPlan] = dataclasses.field(default_factory=dict)
 
     def limit(self, value: float) -> float:
         """The budget option's ``value`` as a limit on the program's constrained total."""
@@ -190,6 +212,13 @@ class Tables:
     def chosen(self, choice: np.ndarray) -> dict[str, LayerPlan | TablePlan | None]:
         """Row name → its fitted plan at ``choice`` (None: float), as ``replan`` takes it."""
         return {l.node: self.fitted[l.node][c] for l, c in zip(self.layers, choice)}
+
+    def replan(self, state: CompileState, choice: np.ndarray) -> None:
+        """``replan`` at ``choice``: the chosen grids, and the 4-bit input grids of the layers at a 4-bit
+        input candidate."""
+        narrow = {l.node: self.narrow[l.node] for l, c in zip(self.layers, choice)
+                  if self.candidates[c].a_bits == 4 and l.node in self.narrow}
+        replan(state, self.old, self.chosen(choice), narrow)
 
     def label(self, row: int, column: int) -> str:
         """How row ``row`` is stored at candidate ``column``: the candidate, or a table's width."""
@@ -260,7 +289,10 @@ class MixedPrecisionPass:
                                                                                    opts.weight_method) for w in widths]
         layers = [*planned, *tables]
         alone = alone_float(state, [l.node for l in planned]) if Candidate(None, None) in candidates else set()
-        unavailable = np.array([[c.w_bits is None and l.node not in alone for c in candidates] for l in planned]
+        narrow = narrow_inputs(state, planned) if any(c.a_bits == 4 for c in candidates) else {}
+        unavailable = np.array([[(c.w_bits is None and l.node not in alone)
+                                 or (c.a_bits == 4 and (l.node not in narrow or not f.activation_input))
+                                 for c, f in zip(candidates, fitted[l.node])] for l in planned]
                                + [[w is None for w in widths] for _ in tables]).reshape(len(layers), len(candidates))
         ref = reference(state.model, state.plan, subset(state.calib), opts.threads)
         goal = state.plan.goal
@@ -269,7 +301,7 @@ class MixedPrecisionPass:
         size[len(planned):][unavailable[len(planned):]] = np.nan  # no such table encoding
         macs = np.array([ref.macs.get(l.node, 0) for l in layers], np.float64)
         bops = macs[:, None] * np.array([c.bops_per_mac for c in candidates], np.float64)[None, :]
-        ms, fp32_ms = self._latency(state, planned, fitted) if budget == "latency_ratio" else (None, 0.0)
+        ms, fp32_ms = self._latency(state, planned, fitted, candidates) if budget == "latency_ratio" else (None, 0.0)
         if ms is not None:  # a lookup's cost is not measured: the same in every encoding
             ms = np.vstack([ms, np.zeros((len(tables), len(candidates)))])
         cost = {"size_ratio": size, "bops_ratio": bops, "latency_ratio": ms,
@@ -277,11 +309,11 @@ class MixedPrecisionPass:
         fixed = output_model(state).ByteSize() - sum(layer_storage_bytes(l, goal) for l in layers)
         t = Tables(budget, candidates, layers, fitted, np.zeros(cost.shape), size, bops, macs, cost, fixed,
                    state.source.ByteSize(), state.plan, ref, fp32_ms,
-                   {l.node: [None] * len(candidates) for l in layers}, alternatives=alternatives)
+                   {l.node: [None] * len(candidates) for l in layers}, alternatives=alternatives, narrow=narrow)
         masked = np.where(unavailable, np.nan, cost)
         if budget == "size_ratio":  # the rest of the file, measured on the smallest choice too
             cheapest = np.nanargmin(masked, axis=1)
-            replan(state, t.old, t.chosen(cheapest))
+            t.replan(state, cheapest)
             t.fixed = min(fixed, output_model(state).ByteSize() - size[np.arange(len(layers)), cheapest].sum())
             state.plan = t.old
         smallest = Infeasible(smallest_total(masked))
@@ -308,7 +340,7 @@ class MixedPrecisionPass:
                 raise InputError(f"--{t.budget.replace('_', '-')} {value} keeps every layer float, "
                                  "so there is nothing to quantize; loosen it")
             choice = self._best_measured(state, t, choice, limit)
-            replan(state, t.old, t.chosen(choice))
+            t.replan(state, choice)
             emitted = output_model(state).ByteSize()
             if t.budget != "size_ratio" or emitted <= value * t.fp32_bytes:
                 return choice, emitted
@@ -348,16 +380,17 @@ class MixedPrecisionPass:
         for j, cand in enumerate(t.candidates):
             uniform = np.full(len(t.layers), j)
             cost = t.cost[rows, uniform]
-            if cand.w_bits is None or worse[j] or np.isnan(cost).any() or np.array_equal(uniform, choice) \
+            if cand.w_bits is None or worse[j] or np.isnan(cost).any() or np.isnan(t.loss[rows, uniform]).any() \
+                    or np.array_equal(uniform, choice) \
                     or (t.budget != "size_ratio" and cost.sum() > limit):
                 continue
-            replan(state, t.old, t.chosen(uniform))
+            t.replan(state, uniform)
             # under a size budget by the bytes emitted: the rest of the file differs between mixes
             if t.budget != "size_ratio" or output_model(state).ByteSize() <= limit + t.fixed:
                 t.contenders.append(measure(f"uniform {cand.label}", uniform))
                 choices.append(uniform)
         if choices:  # the program's first: it wins a tie
-            replan(state, t.old, t.chosen(choice))
+            t.replan(state, choice)
             t.contenders.insert(0, measure("program", choice))
             choices.insert(0, choice)
         state.plan = t.old
@@ -385,18 +418,26 @@ class MixedPrecisionPass:
             choice = allocate(objective, constrained, float(limit))
             if all(t.candidates[c].w_bits is None for c in choice):
                 continue
-            replan(state, t.old, t.chosen(choice))
+            t.replan(state, choice)
             points.append({"limit": float(limit), **t.summary(choice), "measured_loss": self._joint(state, t, choice),
                            "size_ratio": output_model(state).ByteSize() / t.fp32_bytes,
                            "choices": t.counts(choice)})
         return points
 
     @staticmethod
-    def _latency(state: CompileState, layers: list[LayerPlan], fitted: dict[str, list]) -> tuple[np.ndarray, float]:
-        """Milliseconds per layer and candidate (the encoding each is emitted in; float: fp32), and the
-        sum of the layers' fp32 milliseconds."""
+    def _latency(state: CompileState, layers: list[LayerPlan], fitted: dict[str, list], candidates: list[Candidate]
+                 ) -> tuple[np.ndarray, float]:
+        """Milliseconds per layer and candidate (the encoding each is emitted in; float: fp32; a 4-bit
+        input: ``int8-a4``, the int8 kernel its packed codes are cast for at load, with the capped
+        input), and the sum of the layers' fp32 milliseconds."""
         goal = state.plan.goal
-        encodings = {l.node: ["fp32" if f is None else layer_encoding(f, goal) for f in fitted[l.node]] for l in layers}
+
+        def encoding(f: LayerPlan | None, cand: Candidate) -> str:
+            if f is None:
+                return "fp32"
+            return "int8-a4" if cand.a_bits == 4 and f.activation_input else layer_encoding(f, goal)
+
+        encodings = {l.node: [encoding(f, c) for f, c in zip(fitted[l.node], candidates)] for l in layers}
         ms = layer_latencies(state, {n: {*e, "fp32"} for n, e in encodings.items()}, state.options.latency_table)
         table = np.array([[ms[l.node][e] for e in encodings[l.node]] for l in layers], np.float64)
         return table, sum(ms[l.node]["fp32"] for l in layers)
@@ -417,7 +458,8 @@ class MixedPrecisionPass:
             probe = pricer.probe(name)
             for j in measure:
                 fits = [row[j], *([t.alternatives[name, j]] if (name, j) in t.alternatives else [])]
-                changes = [pricer.change(probe, fit) for fit in fits]
+                grid = InputGrid.of(t.narrow[name]) if t.candidates[j].a_bits == 4 else None
+                changes = [pricer.change(probe, fit, grid) for fit in fits]
                 losses = [probe.distance({name: change}) for change in changes]
                 best = 0 if len(fits) == 1 or outputs_prefer_fit(*losses) else 1
                 row[j], t.changes[name][j], t.loss[i, j] = fits[best], changes[best], losses[best]

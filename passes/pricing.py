@@ -19,17 +19,18 @@ import numpy as np
 
 from onnxptq.data import CalibrationSet
 from onnxptq.passes.bn_reestimate import BNReestimatePass
-from onnxptq.passes.sensitivity import Change, Probe, Reference, build_probe, layer_change
+from onnxptq.passes.sensitivity import Change, InputGrid, Probe, Reference, build_probe, layer_change
 from onnxptq.plan import LayerPlan, TablePlan
 from onnxptq.state import CompileState
 
 
-def restandardized(state: CompileState, probe: Probe, layer: LayerPlan, target: tuple[np.ndarray, np.ndarray]
-                   ) -> LayerPlan:
+def restandardized(state: CompileState, probe: Probe, layer: LayerPlan, target: tuple[np.ndarray, np.ndarray],
+                   input_grid: InputGrid | None = None) -> LayerPlan:
     """A copy of ``layer`` as BN re-estimation would leave it were it the only quantized layer: its
-    output's per-channel moments measured on ``probe`` (which observes it), mapped to ``target``."""
+    output's per-channel moments measured on ``probe`` (which observes it; the input on ``input_grid``
+    if given), mapped to ``target``."""
     copy = layer.copy()
-    BNReestimatePass.restandardize(state, copy, probe.output_moments(copy), target)
+    BNReestimatePass.restandardize(state, copy, probe.output_moments(copy, input_grid), target)
     return copy
 
 
@@ -51,8 +52,9 @@ class LayerPricer:
         return build_probe(self.state.model, self.state.plan, [name], self.ref, self.state.options.threads,
                            observe=[name] if name in self.targets else [])
 
-    def change(self, probe: Probe, layer: LayerPlan | TablePlan) -> Change:
-        """What ``probe`` (from ``probe(layer.node)``) changes for ``layer`` as the corrections leave it."""
+    def change(self, probe: Probe, layer: LayerPlan | TablePlan, input_grid: InputGrid | None = None) -> Change:
+        """What ``probe`` (from ``probe(layer.node)``) changes for ``layer`` as the corrections leave it,
+        its input on ``input_grid`` (None: the plan's)."""
         if layer.node in self.targets and layer.grid.block_size is None:  # blocked grids are left as is
-            layer = restandardized(self.state, probe, layer, self.targets[layer.node])
-        return layer_change(layer)
+            layer = restandardized(self.state, probe, layer, self.targets[layer.node], input_grid)
+        return layer_change(layer)._replace(input_grid=input_grid)

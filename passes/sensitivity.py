@@ -24,7 +24,8 @@ output is also a graph output — and takes a bias along with the weight (``Chan
 quantized layer's output moments over the subset, a second the outputs with a·ŵ and a·b + c.
 
 How, cheaply: no emission and no integer kernels, one probe model per layer. In layer l's probe its
-weight is a graph input and its input x becomes x + m·(DQ(Q(x)) − x) with a scalar input m ∈ {0, 1};
+weight is a graph input and its input x becomes x + m·(DQ(Q(x)) − x) with a scalar input m ∈ {0, 1}
+and the grid's scale, zero point and code cap inputs too (a 4-bit input candidate is another grid);
 every other weight stays a constant, so onnxruntime pre-packs those layers as in the fp32 model. Each
 candidate of l is then one run over the subset (in one batch where the model's batch axis is free)
 with two inputs set, in one session. A probe with every layer variable (``build_probe`` with all
@@ -49,7 +50,7 @@ from onnxptq.kernels.moments import ChannelMoments
 from onnxptq.metrics import cosine, mean_kl
 from onnxptq.passes.calibration import with_outputs
 from onnxptq.passes.layer_moments import output_channel_axis
-from onnxptq.plan import LayerPlan, QuantPlan, TablePlan
+from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan
 
 SAMPLES = 16  # calibration samples ΔL is measured on (the first ones; all if fewer): ≈ 1 s per
 # candidate on EfficientNet-Lite0 on a loaded 2-core host
@@ -61,41 +62,70 @@ def subset(calib: CalibrationSet, samples: int = SAMPLES) -> CalibrationSet:
     return calib.split(len(calib) - samples)[0] if len(calib) > samples else calib
 
 
-def _fake_quantized_input(graph: ir.Graph, node: ir.Node, scale: np.float32, zero_point: int) -> str:
-    """Route ``node``'s input x through x + m·(DQ(Q(x)) − x); returns the name of the new input m."""
+class InputGrid(NamedTuple):
+    """A layer input's uint8 grid as the integer kernel reads it: scale s, zero point z and the largest
+    code Q (255, or 15 for a 4-bit grid on int8 kernels, whose codes emission caps)."""
+
+    scale: np.float32
+    zero_point: int
+    qmax: int
+
+    @classmethod
+    def of(cls, act: ActivationPlan) -> "InputGrid":
+        scale, zero_point = act.params()
+        return cls(np.float32(scale), int(zero_point), act.qmax)
+
+    def feeds(self, prefix: str) -> dict[str, np.ndarray]:
+        """The probe inputs of this grid for the input path named ``prefix`` (``_fake_quantized_input``)."""
+        s, z = np.float32(self.scale), self.zero_point
+        return {f"{prefix}.scale": np.array(s, np.float32), f"{prefix}.zero_point": np.array(z, np.uint8),
+                f"{prefix}.lo": np.array(-z * s, np.float32), f"{prefix}.hi": np.array((self.qmax - z) * s, np.float32)}
+
+
+def _fake_quantized_input(graph: ir.Graph, node: ir.Node) -> str:
+    """Route ``node``'s input x through x + m·(DQ(Q(clip(x, lo, hi))) − x), with the switch m and the
+    grid (``InputGrid.feeds``: scale, zero point and the clip [−z·s, (Q − z)·s] that caps the codes at
+    Q) as graph inputs; returns the path's name prefix (m is ``prefix.mask``)."""
     x = node.inputs[0]
     prefix = f"{node.name}.probe"
-    mask = ir.Value(name=f"{prefix}.mask", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
-    graph.inputs.append(mask)
-    s = add_initializer(graph, f"{prefix}.scale", np.array(scale, np.float32))
-    z = add_initializer(graph, f"{prefix}.zero_point", np.array(zero_point, np.uint8))
-    q = ir.node("QuantizeLinear", [x, s, z], name=f"{prefix}.q")
+
+    def scalar(role: str, dtype: ir.DataType) -> ir.Value:
+        v = ir.Value(name=f"{prefix}.{role}", type=ir.TensorType(dtype), shape=ir.Shape([]))
+        graph.inputs.append(v)
+        return v
+
+    mask, s, z = scalar("mask", ir.DataType.FLOAT), scalar("scale", ir.DataType.FLOAT), \
+        scalar("zero_point", ir.DataType.UINT8)
+    clip = ir.node("Clip", [x, scalar("lo", ir.DataType.FLOAT), scalar("hi", ir.DataType.FLOAT)], name=f"{prefix}.clip")
+    q = ir.node("QuantizeLinear", [clip.outputs[0], s, z], name=f"{prefix}.q")
     dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{prefix}.dq")
     error = ir.node("Sub", [dq.outputs[0], x], name=f"{prefix}.error")
     gated = ir.node("Mul", [error.outputs[0], mask], name=f"{prefix}.gated")
     out = ir.node("Add", [x, gated.outputs[0]], name=f"{prefix}.input")
-    for n in (q, dq, error, gated, out):
+    for n in (clip, q, dq, error, gated, out):
         n.outputs[0].name = n.name
-    graph.insert_before(node, [q, dq, error, gated, out])
+    graph.insert_before(node, [clip, q, dq, error, gated, out])
     node.replace_input_with(0, out.outputs[0])
-    return mask.name
+    return prefix
 
 
 class Change(NamedTuple):
-    """A layer as a probe runs it: weight ŵ (a table's T̂), whether its input is quantized, and its
-    bias (None: the fp32 model's)."""
+    """A layer as a probe runs it: weight ŵ (a table's T̂), whether its input is quantized, its bias
+    (None: the fp32 model's) and its input grid (None: the plan's)."""
 
     weight: np.ndarray
     quantize_input: bool
     bias: np.ndarray | None = None
+    input_grid: InputGrid | None = None
 
 
 @dataclass
 class Probe:
     """A probe session over a fixed sample subset, with the fp32 reference outputs.
 
-    ``weights``/``biases``/``masks``: layer → input name of its weight / of its bias (where it has
-    one) / of its input-quantization switch (none when the input is not quantized in the plan);
+    ``weights``/``biases``/``inputs``: layer → input name of its weight / of its bias (where it has
+    one) / the name prefix of its input-quantization path (none when the input is not quantized in
+    the plan);
     ``observed``: layer → its output, also a graph output.
     """
 
@@ -104,7 +134,7 @@ class Probe:
     base: dict[str, np.ndarray]
     weights: dict[str, str]
     biases: dict[str, str]
-    masks: dict[str, str]
+    inputs: dict[str, str]
     reference: "Reference"
     observed: dict[str, str] = field(default_factory=dict)  # layer → name of its output, where observed
 
@@ -116,15 +146,19 @@ class Probe:
             changed[self.weights[name]] = change.weight
             if change.bias is not None:
                 changed[self.biases[name]] = change.bias
-            if name in self.masks:
-                changed[self.masks[name]] = np.array(1.0 if change.quantize_input else 0.0, np.float32)
+            if name in self.inputs:
+                changed[f"{self.inputs[name]}.mask"] = np.array(1.0 if change.quantize_input else 0.0, np.float32)
+                if change.input_grid is not None:
+                    changed.update(change.input_grid.feeds(self.inputs[name]))
         names = [*self.reference.names, *also]
         return run_batches(self.session, names, [{**feed, **self.base, **changed} for feed in self.feeds])
 
-    def output_moments(self, layer: LayerPlan) -> ChannelMoments:
-        """Per-channel moments over the subset of ``layer``'s output (observed) with it changed as planned."""
+    def output_moments(self, layer: LayerPlan, input_grid: InputGrid | None = None) -> ChannelMoments:
+        """Per-channel moments over the subset of ``layer``'s output (observed) with it changed as planned
+        (its input on ``input_grid``, if given)."""
         moments = ChannelMoments(output_channel_axis(layer))
-        moments.update(self.run({layer.node: layer_change(layer)}, [self.observed[layer.node]])[-1])
+        change = layer_change(layer)._replace(input_grid=input_grid)
+        moments.update(self.run({layer.node: change}, [self.observed[layer.node]])[-1])
         return moments
 
     def distance(self, layers: dict[str, Change]) -> float:
@@ -188,7 +222,7 @@ def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Refere
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     graph = copy.graph
     nodes = {n.name: n for n in graph}
-    weights, biases, masks, base = {}, {}, {}, {}
+    weights, biases, inputs, base = {}, {}, {}, {}
 
     def variable(node: ir.Node, index: int, value: np.ndarray, role: str) -> str:
         """Make ``node``'s input ``index`` a graph input, fed ``value`` unless changed; its name."""
@@ -208,14 +242,14 @@ def build_probe(model: ir.Model, plan: QuantPlan, layers: list[str], ref: Refere
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             biases[name] = variable(node, 2, node.inputs[2].const_value.numpy(), "bias")
         if node.inputs[0].name in plan.activations:
-            scale, zero_point = plan.act_params(node.inputs[0].name)
-            masks[name] = _fake_quantized_input(graph, node, scale, zero_point)
-            base[masks[name]] = np.array(0.0, np.float32)
+            grid = InputGrid.of(plan.root(node.inputs[0].name))
+            inputs[name] = _fake_quantized_input(graph, node)
+            base |= {f"{inputs[name]}.mask": np.array(0.0, np.float32), **grid.feeds(inputs[name])}
     observed = {name: nodes[name].outputs[0].name for name in observe}
     graph.outputs.extend(nodes[name].outputs[0] for name in observe)
     common.RemoveUnusedNodesPass()(copy)  # the replaced weight initializers
     session = runtime.session(ir.serde.serialize_model(copy), threads=threads, level="all")
-    return Probe(session, ref.feeds, base, weights, biases, masks, ref, observed)
+    return Probe(session, ref.feeds, base, weights, biases, inputs, ref, observed)
 
 
 def layer_change(layer: LayerPlan | TablePlan) -> Change:

@@ -17,7 +17,7 @@ from onnxptq.kernels.adaquant import (LayerProblem, Rounding, Settings, fit, ful
 from onnxptq.kernels.im2col import channels_last_rows, conv_pads, im2col
 from onnxptq.kernels.quant import broadcast_channel, dequantize, quantize
 from onnxptq.kernels.saturation import pairs_fit, reduction_rows
-from onnxptq.passes.adaquant import AdaQuantPass, layer_problem, movable_input_step, output_bound
+from onnxptq.passes.adaquant import AdaQuantPass, input_energy, layer_problem, movable_input_step, output_bound
 from onnxptq.passes.bn_reestimate import weight_codes
 from onnxptq.passes.emission import emit_model, quantized_from
 from test_corrections import emitted_codes
@@ -117,6 +117,14 @@ def test_gradients_with_the_weight_term(rng):
     p, x, y = conv_problem(rng, 4, 4, 4, 3, (1, 1), (1, 1), 1, bound=(0.0, np.inf))
     anchor = p.weight + rng.standard_normal(p.weight.shape) * 0.05
     check_gradients(rng, dataclasses.replace(p, weight_term=0.3, anchor=anchor), x, y)
+
+
+def test_input_energy_reads_rows_from_the_whole_file(tmp_path):
+    # rows are cached sample after sample: the first half zeros, the second half twos
+    rows = np.concatenate([np.zeros((300, 4), np.float32), np.full((300, 4), 2.0, np.float32)])
+    rows.tofile(tmp_path / "x")
+    assert input_energy((str(tmp_path / "x"), rows.shape), rows=100) == pytest.approx(2.0, abs=0.1)
+    assert input_energy((str(tmp_path / "x"), rows.shape), rows=1000) == pytest.approx(2.0)
 
 
 def test_conv_gradients_after_clip_activation(rng):

@@ -12,23 +12,23 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxptq
-from conftest import fvi, make_model
+from conftest import cnn, fvi, make_model
 from onnxptq import pipelines, runtime
 from onnxptq.api import PIPELINE
 from onnxptq.cli import main
 from onnxptq.data import load_calibration
 from onnxptq.errors import InputError
 from onnxptq.kernels.allocation import Infeasible, allocate
-from onnxptq.kernels.quant import fake_quantize
+from onnxptq.kernels.quant import affine_params, fake_quantize
 from onnxptq.costs import layer_storage_bytes, storage_bytes
 from onnxptq.metrics import mean_kl
 from onnxptq.model_io import to_ir
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.candidates import Candidate, dominated, parse_candidates
-from onnxptq.passes.mixed import SWEEP_POINTS, alone_float
+from onnxptq.passes.mixed import SWEEP_POINTS, alone_float, narrow_inputs
 from onnxptq.passes.pricing import restandardized
 from onnxptq.passes.select import SelectPass
-from onnxptq.passes.sensitivity import Change, build_probe, layer_change, reference
+from onnxptq.passes.sensitivity import Change, InputGrid, build_probe, layer_change, reference
 from onnxptq.passes.verification import fusion_coverage, optimized_kernels
 from onnxptq.state import CompileOptions, CompileState, run_passes
 
@@ -91,7 +91,8 @@ def test_mean_kl_matches_the_definition(rng):
 
 def test_candidates_parse_and_reject():
     assert parse_candidates("w8a8, w4,float") == [Candidate(8, 8), Candidate(4, 8), Candidate(None, None)]
-    for bad in ("w5a8", "w4a4", "w8a8,w8", "int4", "float"):
+    assert parse_candidates("w8a4,w4a4") == [Candidate(8, 4), Candidate(4, 4)]
+    for bad in ("w5a8", "w4a2", "w8a8,w8", "int4", "float"):
         with pytest.raises(InputError, match="--candidates"):
             parse_candidates(bad)
 
@@ -101,6 +102,11 @@ def test_dominated_candidates_are_the_costlier_fewer_bit_ones():
     cost = np.array([[10.0, 10.0, 10.0, 40.0],   # int8-stored Conv: 4 and 2 bits cost what 8 bits cost
                      [10.0, 6.0, 10.0, 40.0]])   # 2 bits no cheaper than 4: dominated by 4 (and 8)
     np.testing.assert_array_equal(dominated(cands, cost), [[False, True, True, False], [False, False, True, False]])
+    # a 4-bit input costs the bytes of an 8-bit one: dominated under a size budget, not under a BOPs one
+    cands = parse_candidates("w8a8,w8a4,w4a8,w4a4")
+    size, bops = np.array([[10.0, 10.0, 6.0, 6.0]]), np.array([[64.0, 32.0, 32.0, 16.0]])
+    np.testing.assert_array_equal(dominated(cands, size), [[False, True, False, True]])
+    np.testing.assert_array_equal(dominated(cands, bops), [[False, False, False, False]])
 
 
 def mlp(rng, width=192) -> onnx.ModelProto:
@@ -199,12 +205,21 @@ def test_probe_matches_a_numpy_forward_pass(mlp_data):
 
     np.testing.assert_allclose(ref.outputs[0], forward(w["w1"]), rtol=1e-4, atol=1e-4)
     layer = state.plan.layers["mm1"]
-    w_hat, quantize_input, bias = layer_change(layer)
+    change = layer_change(layer)
+    w_hat = change.weight
     s, z = state.plan.act_params("x")
     x_q = fake_quantize(calib["x"], s, z, 0, 255)
     np.testing.assert_allclose(probe.run({"mm1": Change(w_hat, True)})[0], forward(w_hat, x_q), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(probe.run({"mm1": Change(w_hat, False)})[0], forward(w_hat), rtol=1e-4, atol=1e-4)
-    assert quantize_input and bias is None and ref.macs == {"mm1": 48 * 192, "conv": 192 * 192, "fc": 192 * 10}
+    # another grid for the input: 16 codes over half the range, the codes above 15 capped
+    s4, z4 = affine_params(float(calib["x"].min()) / 2, float(calib["x"].max()) / 2, 0, 15)
+    x_4 = fake_quantize(calib["x"], s4, z4, 0, 15)
+    np.testing.assert_allclose(probe.run({"mm1": Change(w_hat, True, input_grid=InputGrid(s4, int(z4), 15))})[0],
+                               forward(w_hat, x_4), rtol=1e-4, atol=1e-4)
+    wide = InputGrid(s4, int(z4), 255)  # the same scale without the cap: a different result
+    assert not np.allclose(probe.run({"mm1": Change(w_hat, True, input_grid=wide)})[0], forward(w_hat, x_4), atol=1e-3)
+    assert change.quantize_input and change.bias is None and change.input_grid is None
+    assert ref.macs == {"mm1": 48 * 192, "conv": 192 * 192, "fc": 192 * 10}
     assert probe.distance({}) == pytest.approx(0.0, abs=1e-9)
 
 
@@ -222,7 +237,7 @@ def test_a_layer_bn_reestimation_corrects_is_probed_with_its_output_restandardiz
     probe = build_probe(state.model, state.plan, ["conv"], ref, observe=["conv"])
     layer = state.plan.layers["conv"]
     copy = restandardized(state, probe, layer, (y.mean(0), y.std(0)))
-    w_c, quantize_input, b_c = layer_change(copy)
+    w_c, quantize_input, b_c, _ = layer_change(copy)
     y_c = h_q @ w_c[:, :, 0, 0].T + b_c
     np.testing.assert_allclose(y_c.mean(0), y.mean(0), atol=1e-4)
     np.testing.assert_allclose(y_c.std(0), y.std(0), rtol=1e-4)
@@ -268,6 +283,37 @@ def test_infeasible_size_budget_is_one_line_and_writes_nothing(mlp_data, tmp_pat
     assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
                  str(tmp_path / "q.onnx"), "--size-ratio", f"{smallest + 0.0005:.4f}", "--candidates", "w8a8,w4a8",
                  "-q"]) == 0
+
+
+def test_four_bit_inputs_under_a_bops_budget(mlp_data, tmp_path):
+    """With w8a4 offered, a BOPs budget below all-w8a8 that only a 4-bit input of the Conv (36864 of the
+    48000 MACs) meets: the Conv reads a capped 16-code input in the emitted model, the other layers 8-bit
+    ones, every layer on an integer kernel, and the 4-bit input was priced above the 8-bit one."""
+    model, calib = mlp_data
+    result = onnxptq.compile(model, calib, tmp_path / "q.onnx", bops_ratio=0.05, candidates="w8a8,w8a4",
+                             target="ort-cpu-avx2")
+    r = result.report["mixed"]
+    assert r["bops_ratio"] <= 0.05 and {l["node"]: l["choice"] for l in r["layers"]} == \
+        {"mm1": "w8a8", "conv": "w8a4", "fc": "w8a8"}
+    conv = next(l for l in r["layers"] if l["node"] == "conv")
+    assert conv["loss"]["w8a4"] > conv["loss"]["w8a8"]
+    q = onnx.load(tmp_path / "q.onnx")
+    caps = [n for n in q.graph.node if n.name.endswith("_cap")]
+    assert [n.name for n in caps] == ["r1_cap"], "only the Conv's input grid has 16 codes"
+    assert result.report["verification"]["coverage"] == 1.0
+
+
+def test_four_bit_inputs_only_where_the_layer_reads_its_grid_alone(rng):
+    """conv2's input is also the residual Add's: one grid, one width, so no 4-bit input candidate;
+    conv1 (model input) and fc (pooled features) read theirs alone."""
+    model, x = cnn(rng), rng.standard_normal((24, 3, 16, 16)).astype(np.float32)
+    state = planned(model, {"x": x}, target="ort-cpu-avx2")
+    narrow = narrow_inputs(state, list(state.plan.layers.values()))
+    assert set(narrow) == {"conv1", "fc"} and all(g.bits == 4 and g.qmax == 15 for g in narrow.values())
+    r = onnxptq.compile(model, {"x": x}, None, bops_ratio=0.05, candidates="w8a8,w8a4",
+                        target="ort-cpu-avx2").report["mixed"]
+    loss = {l["node"]: l["loss"] for l in r["layers"]}
+    assert loss["conv2"]["w8a4"] is None and loss["conv1"]["w8a4"] is not None and loss["fc"]["w8a4"] is not None
 
 
 def test_bops_and_max_drop_budgets(mlp_data, tmp_path):
@@ -414,7 +460,7 @@ def test_size_retry_solves_below_what_the_chosen_mix_was_counted_at(monkeypatch)
                      loss, size, np.zeros_like(size), np.ones(2), size, 0.0, 1000, None, None)
     emitted = []
 
-    def replan(state, old, grids):
+    def replan(state, old, grids, narrow):
         bits = dict(grids.values())
         counted = sum(size[i, int(bits[name] == 4)] for i, name in enumerate(("a", "b")))
         emitted.append((bits, counted + (45 if bits["b"] == 4 else 0)))
