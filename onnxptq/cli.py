@@ -133,7 +133,8 @@ def cli() -> None:
               "loss (summed per-layer KL to fp32 for class scores, else 1 − cosine) is at most this.")
 @click.option("--candidates", default="w8a8,w4a8,w3a8,w2a8,float", show_default=True,
               help="Mixed precision: each layer's choices, wNaM (weight bits N in 8, 4, 3, 2; bits M of the "
-              "layer's input: 8, or 4 where the layer alone reads that grid) or float, e.g. w8a8,w8a4,w4a4,float.")
+              "layer's input: 8 or 4; layers reading one tensor take 4 together) or float, e.g. "
+              "w8a8,w8a4,w4a4,float.")
 @click.option("--sweep", type=click.Path(file_okay=False), default=None, help="Mixed precision: also solve a range "
               "of budgets of the same kind and write the Pareto curve (pareto.md, pareto.png) to this folder.")
 @click.option("--pass-effects/--no-pass-effects", default=True, show_default=True,

@@ -3,10 +3,11 @@
 Runs after the weight grids (on the 8-bit plan every layer starts from) and before the corrections,
 which then correct the chosen mix. Candidates (``--candidates``, default ``w8a8,w4a8,w3a8,w2a8,float``)
 give weight and activation bits separately, or keep the layer float. Activation bits are those of the
-layer's input grid: at 4 bits a range calibrated for 16 codes (``narrow_inputs``), offered only to a
-layer that is that grid's one integer reader — a grid shared with a residual Add or a sibling layer
-has one width, and single-layer prices cannot share it out; under a size budget a 4-bit input saves
-no byte and is not measured (``dominated``). For every planned layer l and candidate c:
+layer's input grid: at 4 bits a range calibrated for 16 codes (``narrow_inputs``). A grid read by
+several layers has one width, so the program ties them (``Tables.tied``): they take a 4-bit input
+together or not at all, each priced alone with its input at 4 bits (another op reading the grid, such
+as a residual Add, reads the 4-bit codes too, unpriced: as with ``--a-bits 4``). Under a size budget a
+4-bit input saves no byte and is not measured (``dominated``). For every planned layer l and candidate c:
 
 * ΔL(l, c) — the sensitivity of ``passes/sensitivity.py`` (distance of the outputs to fp32 with only
   layer l at c — its weights and its input grid — on a fixed calibration subset); 0 for float. Where the pipeline's BN re-estimation
@@ -85,7 +86,6 @@ from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
 from onnxptq.latency_table import layer_latencies
-from onnxptq.passes.adaquant import movable_input_step
 from onnxptq.passes.bias_correction import BiasCorrectionPass, give_bias
 from onnxptq.passes.bitsplit import BITS, MAX_ROWS, outputs_prefer_fit, solve_layer
 from onnxptq.passes.bn_reestimate import BNReestimatePass
@@ -139,9 +139,17 @@ def alone_float(state: CompileState, layers: list[str]) -> set[str]:
 
 def narrow_inputs(state: CompileState, layers: list[LayerPlan]) -> dict[str, ActivationPlan]:
     """Per layer that can take a 4-bit input candidate, that input grid: 4 bits, range calibrated for
-    16 codes. Offered where the layer is its input grid's only integer reader (``movable_input_step``):
-    a grid read by several ops has one width, which single-layer prices cannot share out."""
-    eligible = {l.node: state.plan.root(l.input_name) for l in layers if movable_input_step(state, l)}
+    16 codes. Every layer with a quantized input can, unless the grid is a constant's or also a model
+    output (whose values would lose the bits); layers reading one grid share it (``Tables.tied``)."""
+    plan = state.plan
+    outputs = {v.name for v in state.model.graph.outputs}
+    eligible = {}
+    for layer in layers:
+        if not layer.activation_input or layer.input_name not in plan.activations:
+            continue
+        root = plan.root(layer.input_name)
+        if not root.constant and not any(plan.root(n) is root for n in outputs & plan.activations.keys()):
+            eligible[layer.node] = root
     ranges = calibrated_ranges(state, {root.name: 4 for root in eligible.values()}) if eligible else {}
     return {name: dataclasses.replace(root, bits=4, lo=ranges[root.name][0], hi=ranges[root.name][1])
             for name, root in eligible.items()}
@@ -198,6 +206,7 @@ class Tables:
     alternatives: dict[tuple[str, int], LayerPlan] = dataclasses.field(default_factory=dict)
     # layer → its input's 4-bit grid, calibrated at 4 bits, where its 4-bit input candidates can be chosen
     narrow: dict[str, ActivationPlan] = dataclasses.field(default_factory=dict)
+    unavailable: np.ndarray | None = None  # [rows, candidates]: True where the row cannot take the candidate
 
     def limit(self, value: float) -> float:
         """The budget option's ``value`` as a limit on the program's constrained total."""
@@ -212,6 +221,16 @@ class Tables:
     def chosen(self, choice: np.ndarray) -> dict[str, LayerPlan | TablePlan | None]:
         """Row name → its fitted plan at ``choice`` (None: float), as ``replan`` takes it."""
         return {l.node: self.fitted[l.node][c] for l, c in zip(self.layers, choice)}
+
+    def tied(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """(row pairs, columns) for ``allocate``: the rows whose layers read one input grid take a 4-bit
+        input candidate together or not at all (the grid has one width for all its readers)."""
+        groups = collections.defaultdict(list)
+        for i, layer in enumerate(self.layers):
+            if layer.node in self.narrow:
+                groups[self.narrow[layer.node].name].append(i)
+        pairs = [(rows[0], other) for rows in groups.values() for other in rows[1:]]
+        return pairs, [j for j, c in enumerate(self.candidates) if c.a_bits == 4]
 
     def replan(self, state: CompileState, choice: np.ndarray) -> None:
         """``replan`` at ``choice``: the chosen grids, and the 4-bit input grids of the layers at a 4-bit
@@ -309,14 +328,15 @@ class MixedPrecisionPass:
         fixed = output_model(state).ByteSize() - sum(layer_storage_bytes(l, goal) for l in layers)
         t = Tables(budget, candidates, layers, fitted, np.zeros(cost.shape), size, bops, macs, cost, fixed,
                    state.source.ByteSize(), state.plan, ref, fp32_ms,
-                   {l.node: [None] * len(candidates) for l in layers}, alternatives=alternatives, narrow=narrow)
+                   {l.node: [None] * len(candidates) for l in layers}, alternatives=alternatives, narrow=narrow,
+                   unavailable=unavailable)
         masked = np.where(unavailable, np.nan, cost)
         if budget == "size_ratio":  # the rest of the file, measured on the smallest choice too
             cheapest = np.nanargmin(masked, axis=1)
             t.replan(state, cheapest)
             t.fixed = min(fixed, output_model(state).ByteSize() - size[np.arange(len(layers)), cheapest].sum())
             state.plan = t.old
-        smallest = Infeasible(smallest_total(masked))
+        smallest = Infeasible(smallest_total(masked, *t.tied()))
         if budget != "max_drop" and t.limit(getattr(opts, budget)) < smallest.smallest:  # before measuring
             raise InputError(self._infeasible(t, smallest))
         self._sensitivity(state, t, dominated(candidates, cost) | unavailable)
@@ -379,8 +399,11 @@ class MixedPrecisionPass:
         worse = dominated(t.candidates, t.cost.sum(axis=0, keepdims=True))[0]  # 3 bits stored as 4 (size)
         for j, cand in enumerate(t.candidates):
             uniform = np.full(len(t.layers), j)
+            for i in np.flatnonzero(t.unavailable[:, j]):  # a table: stored at the weight bits (no input)
+                same = [k for k, c in enumerate(t.candidates) if c.w_bits == cand.w_bits and not t.unavailable[i, k]]
+                uniform[i] = same[0] if same and isinstance(t.layers[i], TablePlan) else j
             cost = t.cost[rows, uniform]
-            if cand.w_bits is None or worse[j] or np.isnan(cost).any() or np.isnan(t.loss[rows, uniform]).any() \
+            if cand.w_bits is None or worse[j] or np.isnan(cost).any() or t.unavailable[rows, uniform].any() \
                     or np.array_equal(uniform, choice) \
                     or (t.budget != "size_ratio" and cost.sum() > limit):
                 continue
@@ -413,9 +436,10 @@ class MixedPrecisionPass:
         quantized = np.array([c.w_bits is not None for c in t.candidates])[None, :]
         top = np.nanmax(np.where(available & quantized, constrained, np.nan), axis=1).sum()
         points = []
-        for limit in state.progress.track(np.linspace(smallest_total(np.where(available, constrained, np.nan)),
+        for limit in state.progress.track(np.linspace(smallest_total(np.where(available, constrained, np.nan),
+                                                                     *t.tied()),
                                                       top, SWEEP_POINTS), "mixed precision: sweep", SWEEP_POINTS):
-            choice = allocate(objective, constrained, float(limit))
+            choice = allocate(objective, constrained, float(limit), *t.tied())
             if all(t.candidates[c].w_bits is None for c in choice):
                 continue
             t.replan(state, choice)
@@ -505,7 +529,7 @@ class MixedPrecisionPass:
     @staticmethod
     def _solve(t: Tables, limit: float) -> np.ndarray:
         try:
-            return allocate(*t.program(), limit)
+            return allocate(*t.program(), limit, *t.tied())
         except Infeasible as exc:
             raise InputError(MixedPrecisionPass._infeasible(t, exc)) from None
 

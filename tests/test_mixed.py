@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxptq
-from conftest import cnn, fvi, make_model
+from conftest import fvi, make_model
 from onnxptq import pipelines, runtime
 from onnxptq.api import PIPELINE
 from onnxptq.cli import main
@@ -33,13 +33,15 @@ from onnxptq.passes.verification import fusion_coverage, optimized_kernels
 from onnxptq.state import CompileOptions, CompileState, run_passes
 
 
-def brute_force(f, g, limit):
-    """The least Σ f over all one-per-row choices with Σ g ≤ limit (None if there is none)."""
+def brute_force(f, g, limit, tied=(), columns=()):
+    """The least Σ f over all one-per-row choices with Σ g ≤ limit whose ``tied`` rows are both in
+    ``columns`` or both not (None if there is none)."""
     best = None
     for choice in itertools.product(*[range(f.shape[1])] * f.shape[0]):
         rows = np.arange(f.shape[0])
         fc, gc = f[rows, choice], g[rows, choice]
-        if np.isnan(fc).any() or np.isnan(gc).any() or gc.sum() > limit:
+        if np.isnan(fc).any() or np.isnan(gc).any() or gc.sum() > limit \
+                or any((choice[i] in columns) != (choice[j] in columns) for i, j in tied):
             continue
         best = fc.sum() if best is None else min(best, fc.sum())
     return best
@@ -59,6 +61,27 @@ def test_program_matches_brute_force(seed):
         rows = np.arange(layers)
         assert g[rows, choice].sum() <= limit and not np.isnan(f[rows, choice]).any()
         assert f[rows, choice].sum() == pytest.approx(brute_force(f, g, limit), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tied_rows_match_brute_force(seed):
+    """Rows 0–1 and 1–2 share an input grid: they take a candidate among columns {1, 2} (4-bit inputs)
+    together or not at all; the smallest total reported is the least one under the ties."""
+    rng = np.random.default_rng(seed)
+    layers, cands, tied, columns = 4, 3, [(0, 1), (1, 2)], [1, 2]
+    f = rng.random((layers, cands)).round(3)
+    g = rng.integers(1, 1000, (layers, cands)).astype(float)
+    g[0, 1:] = 1.0  # row 0 alone would take a tied column at the smallest budget
+    least = min(g[np.arange(layers), c].sum() for c in itertools.product(range(cands), repeat=layers)
+                if all((c[i] in columns) == (c[j] in columns) for i, j in tied))
+    with pytest.raises(Infeasible) as err:
+        allocate(f, g, least - 0.5, tied, columns)
+    assert err.value.smallest == least
+    for limit in np.linspace(least, np.nanmax(g, 1).sum(), 5):
+        choice = allocate(f, g, limit, tied, columns)
+        rows = np.arange(layers)
+        assert g[rows, choice].sum() <= limit and all((choice[i] in columns) == (choice[j] in columns) for i, j in tied)
+        assert f[rows, choice].sum() == pytest.approx(brute_force(f, g, limit, tied, columns), abs=1e-9)
 
 
 def test_tight_budget_takes_the_only_fitting_choice():
@@ -303,17 +326,32 @@ def test_four_bit_inputs_under_a_bops_budget(mlp_data, tmp_path):
     assert result.report["verification"]["coverage"] == 1.0
 
 
-def test_four_bit_inputs_only_where_the_layer_reads_its_grid_alone(rng):
-    """conv2's input is also the residual Add's: one grid, one width, so no 4-bit input candidate;
-    conv1 (model input) and fc (pooled features) read theirs alone."""
-    model, x = cnn(rng), rng.standard_normal((24, 3, 16, 16)).astype(np.float32)
-    state = planned(model, {"x": x}, target="ort-cpu-avx2")
+def test_layers_reading_one_grid_take_a_four_bit_input_together(rng, tmp_path):
+    """mm_a and mm_b read x, one grid: a budget that mm_b's 4-bit input alone would meet (its output is
+    scaled by 0.001, so the 4-bit input costs it almost nothing) makes both 4-bit, as the emitted model
+    must (one Q/DQ on x)."""
+    f = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    inits = {"wa": f(32, 64), "wb": f(32, 64) * 1e-3, "wf": f(64, 4)}
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["ha"], name="mm_a"),
+             helper.make_node("MatMul", ["x", "wb"], ["hb"], name="mm_b"),
+             helper.make_node("Add", ["ha", "hb"], ["h"], name="add"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "wf"], ["y"], name="fc")]
+    model = make_model(nodes, [fvi("x", ["N", 32])], [fvi("y", ["N", 4])], inits)
+    calib = {"x": rng.standard_normal((48, 32)).astype(np.float32)}
+    state = planned(model, calib, target="ort-cpu-avx2")
     narrow = narrow_inputs(state, list(state.plan.layers.values()))
-    assert set(narrow) == {"conv1", "fc"} and all(g.bits == 4 and g.qmax == 15 for g in narrow.values())
-    r = onnxptq.compile(model, {"x": x}, None, bops_ratio=0.05, candidates="w8a8,w8a4",
-                        target="ort-cpu-avx2").report["mixed"]
+    assert set(narrow) == {"mm_a", "mm_b", "fc"} and narrow["mm_a"].name == narrow["mm_b"].name == "x"
+    assert all(g.bits == 4 and g.qmax == 15 for g in narrow.values())
+    # all w8a8 is 64/1024 of fp32's BOPs; 0.048 needs one of mm_a / mm_b (2048 of 4352 MACs) at a4
+    result = onnxptq.compile(model, calib, tmp_path / "q.onnx", bops_ratio=0.048, candidates="w8a8,w8a4",
+                             target="ort-cpu-avx2")
+    r = result.report["mixed"]
     loss = {l["node"]: l["loss"] for l in r["layers"]}
-    assert loss["conv2"]["w8a4"] is None and loss["conv1"]["w8a4"] is not None and loss["fc"]["w8a4"] is not None
+    assert loss["mm_b"]["w8a4"] < loss["mm_a"]["w8a4"], "alone, mm_b would take the 4-bit input"
+    assert {l["node"]: l["choice"] for l in r["layers"]} == {"mm_a": "w8a4", "mm_b": "w8a4", "fc": "w8a8"}
+    caps = [n.name for n in onnx.load(tmp_path / "q.onnx").graph.node if n.name.endswith("_cap")]
+    assert caps == ["x_cap"] and result.report["verification"]["coverage"] == 1.0
 
 
 def test_bops_and_max_drop_budgets(mlp_data, tmp_path):
@@ -555,7 +593,7 @@ def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_th
 
     model, calib = mlp_data
     fp32 = runtime.session(model).run(None, calib)[0]
-    poor = lambda f, g, limit: np.array([3, 3, 0])  # noqa: E731  (w2a8, w2a8, w8a8)
+    poor = lambda f, g, limit, tied, columns: np.array([3, 3, 0])  # noqa: E731  (w2a8, w2a8, w8a8)
     for propose in (mixed.allocate, poor):
         monkeypatch.setattr(mixed, "allocate", propose)
         result = onnxptq.compile(model, calib, tmp_path / "q.onnx", size_ratio=0.25, target="ort-cpu-size",

@@ -126,3 +126,14 @@ def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_n
         table_hat = fake_table(fp32_table, width)
         want = mean_kl(fp32_table[probe_ids] @ w, table_hat[probe_ids] @ w, False)
         assert row["loss"][label] == pytest.approx(want, rel=1e-3)
+
+
+def test_uniform_contenders_store_the_table_at_their_weight_bits(rng, tmp_path):
+    """Under a BOPs budget (a lookup costs none) the uniform models measured beside the program's mix
+    store the table at the candidate's weight bits: uniform w8a4 as int8 (the 4-bit input is the
+    MatMul's), uniform w4a8 as int4; neither is left out for the table."""
+    _, _, result = compile_ids(embedding_model(rng), rng, tmp_path, bops_ratio=0.04, candidates="w8a8,w8a4,w4a8")
+    mixed = result.report["mixed"]
+    choices = {l["node"]: l["choice"] for l in mixed["layers"]}
+    assert choices == {"proj": "w4a8", "lookup": "int8 table"}, "the table costs no BOPs: kept at 8 bits"
+    assert {c["choice"] for c in mixed["contenders"]} == {"program", "uniform w8a4", "uniform w4a8"}
