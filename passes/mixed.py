@@ -10,9 +10,9 @@ as a residual Add, reads the 4-bit codes too, unpriced: as with ``--a-bits 4``).
 4-bit input saves no byte and is not measured (``dominated``). For every planned layer l and candidate c:
 
 * ΔL(l, c) — the sensitivity of ``passes/sensitivity.py`` (distance of the outputs to fp32 with only
-  layer l at c — its weights and its input grid — on a fixed calibration subset); 0 for float. Where the pipeline's BN re-estimation
-  will re-standardize layer l, it is measured re-standardized (``passes/pricing.py``): the program should
-  price a layer as the corrections will leave it. Measured without, PP-OCRv4's Convs looked ruinous at
+  layer l at c — its weights and its input grid — on a fixed calibration subset); 0 for float. Where
+  the pipeline's BN re-estimation will re-standardize layer l, it is measured re-standardized
+  (``passes/pricing.py``): the program should price a layer as the corrections will leave it. Measured without, PP-OCRv4's Convs looked ruinous at
   4 bits (ΔL ≈ 0.9 for some) although BN re-estimation repairs uniform 4-bit to CER 0.037, and the
   program bought 8 bits for them with 2-bit MatMuls; measured corrected, the light pipeline's fp32
   agreement at 0.13× / 0.16× rose from 0.439 / 0.681 to 0.581 / 0.708 (EfficientNet-Lite0) and from
