@@ -45,7 +45,6 @@ import onnx_ir.passes.common as common
 
 from onnxptq import runtime
 from onnxptq.data import CalibrationSet
-from onnxptq.graph import add_initializer
 from onnxptq.kernels.moments import ChannelMoments
 from onnxptq.metrics import cosine, mean_kl
 from onnxptq.passes.calibration import with_outputs
