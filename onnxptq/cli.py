@@ -123,7 +123,8 @@ def cli() -> None:
 @click.option("--size-ratio", type=float, default=None, help="Mixed precision: per-layer bits of least predicted "
               "output loss such that the written file is at most this fraction of the fp32 file's bytes.")
 @click.option("--bops-ratio", type=float, default=None, help="Mixed precision: as --size-ratio, for bit operations "
-              "(MACs × w-bits × a-bits) as a fraction of the fp32 model's (32 × 32 per MAC).")
+              "(MACs × w-bits × a-bits) as a fraction of the fp32 model's (32 × 32 per MAC); add 4-bit input "
+              "candidates (--candidates w8a8,w8a4,w4a8,w4a4,w2a8) to let the program halve the a-bits.")
 @click.option("--latency-ratio", type=float, default=None, help="Mixed precision: as --size-ratio, for the summed "
               "latency of the weighted layers, each measured alone on this host in its encoding, as a fraction of "
               "their fp32 latency.")
