@@ -125,6 +125,8 @@ class CompileState:
     fused: onnx.ModelProto | None = None
     reference: list[np.ndarray] | None = None  # the fp32 model's outputs on the verification samples
     corrections: list[Any] = field(default_factory=list)  # the pipeline's correction passes, in order
+    # calibrated tensor → (running min/max, histogram or None), kept by the calibration pass
+    range_statistics: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 def run_passes(state: CompileState, passes: Iterable[Any],

@@ -28,11 +28,10 @@ def with_outputs(model: ir.Model, names: list[str]) -> onnx.ModelProto:
     return proto
 
 
-def calibrated_ranges(state: CompileState, bits: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """Each named tensor's range for a grid of ``bits[name]`` bits, by ``--calib-method`` over the fused
-    fp32 model's values on the calibration set (module doc)."""
+def range_statistics(state: CompileState, names: list[str]) -> dict[str, tuple[RangeStat, Histogram | None]]:
+    """Per named tensor its running min/max and, for the methods that need one, its histogram, over
+    the fused fp32 model's values on the calibration set (module doc)."""
     opts = state.options
-    names = list(bits)
     sess = runtime.session(with_outputs(state.model, names), threads=opts.threads, level="basic")
     stats = {name: RangeStat() for name in names}
     n_batches = -(-len(state.calib) // opts.batch_size)
@@ -53,8 +52,15 @@ def calibrated_ranges(state: CompileState, bits: dict[str, int]) -> dict[str, tu
         for outs in passes_over("calibration: histograms"):
             for name, x in outs.items():
                 hists[name].update(x)
-    return {name: select_range(opts.calib_method, stats[name], hists and hists[name], bits[name], opts.percentile)
-            for name in names}
+    return {name: (stats[name], hists and hists[name]) for name in names}
+
+
+def calibrated_range(state: CompileState, name: str, bits: int) -> tuple[float, float]:
+    """The range of calibrated tensor ``name`` for a grid of ``bits`` bits, by ``--calib-method``, from
+    the statistics the calibration pass kept (``CompileState.range_statistics``): mixed precision asks
+    again at 4 bits for its 4-bit input candidates."""
+    stat, hist = state.range_statistics[name]
+    return select_range(state.options.calib_method, stat, hist, bits, state.options.percentile)
 
 
 class CalibrationPass:
@@ -71,7 +77,9 @@ class CalibrationPass:
             if act.constant:
                 values = graph.initializers[act.name].const_value.numpy()
                 act.lo, act.hi = float(values.min()), float(values.max())
-        for name, (lo, hi) in calibrated_ranges(state, {name: plan.activations[name].bits for name in roots}).items():
-            plan.activations[name].lo, plan.activations[name].hi = lo, hi
+        state.range_statistics = range_statistics(state, roots)
+        for name in roots:
+            act = plan.activations[name]
+            act.lo, act.hi = calibrated_range(state, name, act.bits)
         state.report.note(self.name, f"{len(roots)} tensors over {len(state.calib)} samples, "
                                      f"method {opts.calib_method}")

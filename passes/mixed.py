@@ -12,8 +12,9 @@ as a residual Add, reads the 4-bit codes too, unpriced: as with ``--a-bits 4``).
 * ΔL(l, c) — the sensitivity of ``passes/sensitivity.py`` (distance of the outputs to fp32 with only
   layer l at c — its weights and its input grid — on a fixed calibration subset); 0 for float. Where
   the pipeline's BN re-estimation will re-standardize layer l, it is measured re-standardized
-  (``passes/pricing.py``): the program should price a layer as the corrections will leave it. Measured without, PP-OCRv4's Convs looked ruinous at
-  4 bits (ΔL ≈ 0.9 for some) although BN re-estimation repairs uniform 4-bit to CER 0.037, and the
+  (``passes/pricing.py``): the program should price a layer as the corrections will leave it.
+  Measured without, PP-OCRv4's Convs looked ruinous at 4 bits (ΔL ≈ 0.9 for some) although BN
+  re-estimation repairs uniform 4-bit to CER 0.037, and the
   program bought 8 bits for them with 2-bit MatMuls; measured corrected, the light pipeline's fp32
   agreement at 0.13× / 0.16× rose from 0.439 / 0.681 to 0.581 / 0.708 (EfficientNet-Lite0) and from
   0.833 to 0.855 at 0.16× (PP-OCRv4);
@@ -89,7 +90,7 @@ from onnxptq.latency_table import layer_latencies
 from onnxptq.passes.bias_correction import BiasCorrectionPass, give_bias
 from onnxptq.passes.bitsplit import BITS, MAX_ROWS, outputs_prefer_fit, solve_layer
 from onnxptq.passes.bn_reestimate import BNReestimatePass
-from onnxptq.passes.calibration import calibrated_ranges
+from onnxptq.passes.calibration import calibrated_range
 from onnxptq.passes.candidates import FLOAT_BITS, Candidate, budget_of, dominated, parse_candidates
 from onnxptq.pareto import write_sweep
 from onnxptq.passes.emission import output_model
@@ -150,7 +151,7 @@ def narrow_inputs(state: CompileState, layers: list[LayerPlan]) -> dict[str, Act
         root = plan.root(layer.input_name)
         if not root.constant and not any(plan.root(n) is root for n in outputs & plan.activations.keys()):
             eligible[layer.node] = root
-    ranges = calibrated_ranges(state, {root.name: 4 for root in eligible.values()}) if eligible else {}
+    ranges = {root.name: calibrated_range(state, root.name, 4) for root in eligible.values()}
     return {name: dataclasses.replace(root, bits=4, lo=ranges[root.name][0], hi=ranges[root.name][1])
             for name, root in eligible.items()}
 
@@ -401,7 +402,8 @@ class MixedPrecisionPass:
             uniform = np.full(len(t.layers), j)
             for i in np.flatnonzero(t.unavailable[:, j]):  # a table: stored at the weight bits (no input)
                 same = [k for k, c in enumerate(t.candidates) if c.w_bits == cand.w_bits and not t.unavailable[i, k]]
-                uniform[i] = same[0] if same and isinstance(t.layers[i], TablePlan) else j
+                if same and isinstance(t.layers[i], TablePlan):
+                    uniform[i] = same[0]
             cost = t.cost[rows, uniform]
             if cand.w_bits is None or worse[j] or np.isnan(cost).any() or t.unavailable[rows, uniform].any() \
                     or np.array_equal(uniform, choice) \

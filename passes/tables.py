@@ -5,9 +5,8 @@ a table that can dwarf the rest of the model (MiniLM's 30522×384 word embedding
 Stored as b-bit codes with one asymmetric grid per column (scale s_d and zero point z_d over all 2^b
 codes, min-max or MSE clip search, ``--weight-method``; ``kernels.quant.affine_rows``), the Gather moves
 codes and one DequantizeLinear along the last axis restores T̂[v, d] = (q[v, d] − z_d)·s_d for the rows
-looked up: no full-table
-dequantization per run. Per column rather than per row because a per-row scale would need its own
-lookup, which no standard DequantizeLinear expresses. Tables shared with another node (tied weights)
+looked up: no full-table dequantization per run. Per column rather than per row because a per-row scale
+would need its own lookup, which no standard DequantizeLinear expresses. Tables shared with another node (tied weights)
 stay float.
 
 This pass plans every table at 8 bits (4× smaller than float); mixed precision may choose 4 or 2 bits
