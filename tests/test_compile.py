@@ -86,6 +86,22 @@ def test_deterministic_bytes(cnn_files, tmp_path):
     assert len(digests) == 1
 
 
+def test_only_the_shapes_the_source_recorded_are_written(cnn_files, tmp_path):
+    """The compile infers every intermediate shape; the output keeps only the value_info entries the
+    source had (none, then one), as onnxruntime infers the rest at load and a size budget pays for them."""
+    model_path, calib = cnn_files
+    source = onnx.load(model_path)
+    assert not source.graph.value_info
+    onnxptq.compile(model_path, calib, tmp_path / "q.onnx")
+    assert not onnx.load(tmp_path / "q.onnx").graph.value_info
+    inferred = onnx.shape_inference.infer_shapes(source).graph.value_info
+    assert len(inferred) > 3
+    source.graph.value_info.append(inferred[2])
+    onnx.save(source, tmp_path / "shaped.onnx")
+    onnxptq.compile(tmp_path / "shaped.onnx", calib, tmp_path / "q2.onnx")
+    assert [v.name for v in onnx.load(tmp_path / "q2.onnx").graph.value_info] == [inferred[2].name]
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
 def test_every_calibration_method_compiles(cnn_files, tmp_path, method):
     model_path, calib = cnn_files

@@ -64,6 +64,42 @@ def test_program_matches_brute_force(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_a_uniform_choice_demoted_to_fit_matches_brute_force_over_its_candidates(seed):
+    """``demoted`` from uniform w4a8: every layer at w4a8, w4a4 or w2a8 (no more weight or input bits;
+    w8a8 and float are closed to it; the table row offers its 4-bit width in w4a4's column only), the
+    least Σ ΔL within the limit — the brute force over those columns alone; None below the least total."""
+    from types import SimpleNamespace
+
+    from onnxptq.passes.mixed import demoted
+    from onnxptq.plan import TablePlan
+
+    rng = np.random.default_rng(seed)
+    candidates = parse_candidates("w8a8,w4a8,w4a4,w2a8,float")
+    f = rng.random((5, 5)).round(3)
+    f[:, 4] = 0.0  # float: no loss, the program's favourite
+    g = rng.integers(10, 1000, (5, 5)).astype(float)
+    g[:, 4] = g.max() * 2
+    table = TablePlan.__new__(TablePlan)
+    unavailable = np.zeros((5, 5), bool)
+    unavailable[4, [1, 4]] = True  # the table row: its 4-bit width is offered once, in w4a4's column
+    t = SimpleNamespace(candidates=candidates, loss=f, cost=g, unavailable=unavailable,
+                        layers=[SimpleNamespace()] * 4 + [table], tied=lambda: ([], []))
+    open_ = np.full((5, 5), np.nan)
+    open_[:4, 1:4] = 0.0
+    open_[4, [2, 3]] = 0.0
+    least = np.nansum(np.nanmin(g + open_, axis=1))
+    for limit in (least - 1, least, least + 300, g.sum()):
+        choice = demoted(t, 1, limit)
+        want = brute_force(f + open_, g + open_, limit)
+        if want is None:
+            assert choice is None
+            continue
+        rows = np.arange(5)
+        assert np.isfinite(open_[rows, choice]).all() and g[rows, choice].sum() <= limit
+        assert f[rows, choice].sum() == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_tied_rows_match_brute_force(seed):
     """Rows 0–1 and 1–2 share an input grid: they take a candidate among columns {1, 2} (4-bit inputs)
     together or not at all; the smallest total reported is the least one under the ties."""
@@ -281,8 +317,11 @@ def test_size_budget_is_met_by_the_emitted_file_and_optimal(mlp_data, tmp_path):
     labels = mixed["candidates"]
     loss = np.array([[l["loss"][c] for c in labels] for l in mixed["layers"]], float)  # None: not measured
     size = np.array([[l["bytes"][c] for c in labels] for l in mixed["layers"]], float)
-    assert mixed["predicted_loss"] == pytest.approx(brute_force(loss, size, ratio * mixed["fp32_bytes"]
-                                                                 - mixed["other_bytes"]), abs=1e-12)
+    program = next(c for c in mixed["contenders"] if c["choice"] == "program")
+    assert program["predicted_loss"] == pytest.approx(brute_force(loss, size, ratio * mixed["fp32_bytes"]
+                                                                  - mixed["other_bytes"]), abs=1e-12)
+    best = min(mixed["contenders"], key=lambda c: c["measured_loss"])
+    assert mixed["predicted_loss"] == pytest.approx(best["predicted_loss"], abs=1e-12), "the nearest is written"
     assert {l["node"]: l["choice"] for l in mixed["layers"]}.keys() == {"mm1", "conv", "fc"}
     assert mixed["measured_loss"] > 0 and np.isfinite(mixed["measured_loss"])
     again = onnxptq.compile(model, calib, tmp_path / "again.onnx", size_ratio=ratio, target="ort-cpu-size")
@@ -600,7 +639,8 @@ def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_th
                                  holdout=0)
         report = result.report["mixed"]
         contenders = {c["choice"]: c["measured_loss"] for c in report["contenders"]}
-        assert contenders.keys() == {"program", "uniform w4a8", "uniform w2a8"}, "8 bits do not fit; 3 bits are " \
+        assert contenders.keys() - {"uniform w8a8, demoted to fit"} == {"program", "uniform w4a8", "uniform w2a8"}, \
+            "8 bits do not fit (demoted to fit, measured where that is not the program's choice); 3 bits are " \
             "stored as 4 bits, so no smaller: not measured"
         written = runtime.session(str(tmp_path / "q.onnx")).run(None, calib)[0]
         assert mean_kl(fp32, written, False) == pytest.approx(min(contenders.values()), rel=1e-5)

@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxptq
 from conftest import fvi, make_model
+from onnxptq.errors import InputError
 from onnxptq.metrics import mean_kl
 from onnxptq.passes.sensitivity import SAMPLES
 from onnxptq.passes.verification import optimized_kernels
@@ -94,13 +95,15 @@ def test_shared_and_excluded_tables_stay_float(rng, tmp_path):
 def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_needs(rng, tmp_path, budget, bits):
     """The program has a row for the table (8, 4 or 2 bits, or float; not 3). Under 0.34× of fp32 it keeps
     it int8 (re-planning the layers once dropped every table, which wrote a float table over budget);
-    under 0.22× only a 4-bit table fits, under 0.16× only a 2-bit one: packed int4 (int2) codes →
+    under 0.22× only a 4-bit table fits, under 0.16× only a 2-bit one (the MatMul is not offered float,
+    which would leave the program nothing else to give bytes up for): packed int4 (int2) codes →
     Cast(int8) → Gather → DequantizeLinear, which onnxruntime runs with the Cast folded away and looks
     up exactly (q − z)·s, q in [−8, 7] ([−2, 1])."""
     model = embedding_model(rng)
     fp32_table = numpy_helper.to_array(model.graph.initializer[0])
     for size_ratio, width in ((0.34, 8), (budget, bits)):
-        path, out, result = compile_ids(model, rng, tmp_path, size_ratio=size_ratio, target="ort-cpu-size")
+        path, out, result = compile_ids(model, rng, tmp_path, size_ratio=size_ratio, target="ort-cpu-size",
+                                        candidates="w8a8,w4a8,w3a8,w2a8")
         assert out.stat().st_size <= size_ratio * path.stat().st_size
         q = onnx.load(out)
         inits = {i.name: i for i in q.graph.initializer}
@@ -126,6 +129,18 @@ def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_n
         table_hat = fake_table(fp32_table, width)
         want = mean_kl(fp32_table[probe_ids] @ w, table_hat[probe_ids] @ w, False)
         assert row["loss"][label] == pytest.approx(want, rel=1e-3)
+
+
+def test_a_budget_that_leaves_every_layer_float_is_refused_with_the_way_out(rng, tmp_path):
+    """At 0.34× of fp32 the int8 table leaves room for the one MatMul in float, which costs no loss:
+    the program keeps it float, and a plan of a lookup alone is refused in one line naming both ways
+    out; without float among the candidates the same budget compiles."""
+    with pytest.raises(InputError, match="keeps every layer float.*smaller budget or leave float out"):
+        compile_ids(embedding_model(rng), rng, tmp_path, size_ratio=0.34, target="ort-cpu-size")
+    _, out, result = compile_ids(embedding_model(rng), rng, tmp_path, size_ratio=0.34, target="ort-cpu-size",
+                                 candidates="w8a8,w4a8")
+    assert {l["node"]: l["choice"] for l in result.report["mixed"]["layers"]} == {"proj": "w8a8",
+                                                                                 "lookup": "int8 table"}
 
 
 def test_uniform_contenders_store_the_table_at_their_weight_bits(rng, tmp_path):
