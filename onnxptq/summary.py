@@ -87,7 +87,8 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
 
 
 def print_mixed(console: Console, mixed: dict[str, Any]) -> None:
-    """The chosen candidate of every layer, and the additivity check of the program's loss."""
+    """The chosen candidate of every layer, the additivity check of the program's loss, and the models
+    measured end to end beside it (the nearest fp32 is written)."""
     (budget, value), = mixed["budget"].items()
     console.print(f"mixed precision, {budget.replace('_', ' ')} {value}: " + ", ".join(
         f"{layer['node']} {layer['choice']}" for layer in mixed["layers"]))
@@ -96,6 +97,11 @@ def print_mixed(console: Console, mixed: dict[str, Any]) -> None:
                   f"size {mixed['size_ratio']:.4f}×, BOPs {mixed['bops_ratio']:.4f}× fp32"
                   + (f", layer latency {mixed['latency_ratio']:.4f}× fp32 (measured per layer)"
                      if "latency_ratio" in mixed else ""))
+    if mixed.get("contenders"):
+        best = min(mixed["contenders"], key=lambda c: c["measured_loss"])
+        console.print("  measured corrected on the calibration set: " + "; ".join(
+            f"{c['choice']} {c['measured_loss']:.4g}" + (" (written)" if c is best else "")
+            for c in mixed["contenders"]))
 
 
 def print_eval(console: Console, result: dict[str, Any]) -> None:

@@ -403,10 +403,10 @@ class MixedPrecisionPass:
     def _best_measured(state: CompileState, t: Tables, choice: np.ndarray, limit: float) -> np.ndarray:
         """Of the program's ``choice``, every uniform choice within ``limit`` (one candidate for all
         rows; under a size budget judged by the bytes emitted) and the cheapest one over it ``demoted``
-        to fit, the one whose model, corrected by
-        the pipeline's BN re-estimation and bias correction, is nearest fp32 on the calibration set
-        (module doc); each is recorded in ``t.contenders``. A uniform choice whose candidate has fewer
-        bits than another at no smaller total (3 bits stored as 4) is not measured."""
+        to fit, the one whose model, corrected by the pipeline's BN re-estimation and bias correction,
+        is nearest fp32 on the calibration set (module doc); each is recorded in ``t.contenders``. A
+        uniform choice whose candidate has fewer bits than another at no smaller total (3 bits stored
+        as 4) is not measured."""
         t.contenders = []
         if t.budget == "max_drop":  # the limit bounds the loss: nothing uniform to compare bytes with
             return choice
@@ -449,11 +449,12 @@ class MixedPrecisionPass:
                 choices.append(uniform)
             else:
                 over.append((cost.sum(), j))
-        nearest = demoted(t, min(over)[1], limit) if over else None
+        top = min(over)[1] if over else None
+        nearest = None if top is None else demoted(t, top, limit)
         if nearest is not None and not any(np.array_equal(nearest, x) for x in (choice, *choices)):
             t.replan(state, nearest)
             if t.budget != "size_ratio" or output_model(state).ByteSize() <= limit + t.fixed:
-                t.contenders.append(measure(f"uniform {t.candidates[min(over)[1]].label}, demoted to fit", nearest))
+                t.contenders.append(measure(f"uniform {t.candidates[top].label} demoted to fit", nearest))
                 choices.append(nearest)
         if choices:  # the program's first: it wins a tie
             t.replan(state, choice)

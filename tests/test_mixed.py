@@ -320,6 +320,12 @@ def test_size_budget_is_met_by_the_emitted_file_and_optimal(mlp_data, tmp_path):
     program = next(c for c in mixed["contenders"] if c["choice"] == "program")
     assert program["predicted_loss"] == pytest.approx(brute_force(loss, size, ratio * mixed["fp32_bytes"]
                                                                   - mixed["other_bytes"]), abs=1e-12)
+    # uniform 8-bit is over the budget: demoted to fit, it is the optimum with float closed
+    closed = loss.copy()
+    closed[:, labels.index("float")] = np.nan
+    demoted = next(c for c in mixed["contenders"] if c["choice"] == "uniform w8a8 demoted to fit")
+    assert demoted["predicted_loss"] == pytest.approx(brute_force(closed, size, ratio * mixed["fp32_bytes"]
+                                                                  - mixed["other_bytes"]), abs=1e-12)
     best = min(mixed["contenders"], key=lambda c: c["measured_loss"])
     assert mixed["predicted_loss"] == pytest.approx(best["predicted_loss"], abs=1e-12), "the nearest is written"
     assert {l["node"]: l["choice"] for l in mixed["layers"]}.keys() == {"mm1", "conv", "fc"}
@@ -329,6 +335,21 @@ def test_size_budget_is_met_by_the_emitted_file_and_optimal(mlp_data, tmp_path):
     assert again.report["mixed"] == mixed
     assert [l["w_bits"] for l in result.report["layers"]] == \
         [int(l["choice"][1]) for l in mixed["layers"] if l["choice"] != "float"]
+
+
+def test_the_summary_names_the_contenders_and_which_was_written(mlp_data, tmp_path, capsys):
+    model, calib = mlp_data
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **calib)
+    assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--size-ratio", "0.25", "--target", "ort-cpu-size",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    line = out[out.index("measured corrected"):]
+    report = json.loads((tmp_path / "r.json").read_text())["mixed"]
+    best = min(report["contenders"], key=lambda c: c["measured_loss"])
+    assert f"{best['choice']} {best['measured_loss']:.4g} (written)" in line and out.count("(written)") == 1
+    assert all(c["choice"] in line for c in report["contenders"])
 
 
 def test_infeasible_size_budget_is_one_line_and_writes_nothing(mlp_data, tmp_path, capsys):
@@ -639,7 +660,7 @@ def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_th
                                  holdout=0)
         report = result.report["mixed"]
         contenders = {c["choice"]: c["measured_loss"] for c in report["contenders"]}
-        assert contenders.keys() - {"uniform w8a8, demoted to fit"} == {"program", "uniform w4a8", "uniform w2a8"}, \
+        assert contenders.keys() - {"uniform w8a8 demoted to fit"} == {"program", "uniform w4a8", "uniform w2a8"}, \
             "8 bits do not fit (demoted to fit, measured where that is not the program's choice); 3 bits are " \
             "stored as 4 bits, so no smaller: not measured"
         written = runtime.session(str(tmp_path / "q.onnx")).run(None, calib)[0]
