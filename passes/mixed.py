@@ -256,6 +256,12 @@ class Tables:
         order = [c.label for c in self.candidates] + [f"int{bits} table" for bits in TABLE_BITS]
         return {k: found[k] for k in order if found[k]}
 
+    def all_float(self, choice: np.ndarray) -> bool:
+        """Whether ``choice`` keeps every layer float (tables aside): selection cannot re-plan a model
+        whose only quantized op would be a lookup."""
+        return all(self.candidates[c].w_bits is None for l, c in zip(self.layers, choice)
+                   if not isinstance(l, TablePlan))
+
     def summary(self, choice: np.ndarray) -> dict[str, float]:
         rows = np.arange(len(self.layers))
         latency = {"latency_ratio": float(self.cost[rows, choice].sum() / self.fp32_ms)} if self.fp32_ms else {}
@@ -383,7 +389,7 @@ class MixedPrecisionPass:
                 raise InputError(f"--size-ratio {value}: the emitted file ({emitted / t.fp32_bytes:.4f}× of "
                                  "fp32) is larger than the program counted and no choice fits the corrected "
                                  "limit; raise --size-ratio") from None
-            if all(t.candidates[c].w_bits is None for l, c in zip(t.layers, choice) if not isinstance(l, TablePlan)):
+            if t.all_float(choice):
                 raise InputError(f"--{t.budget.replace('_', '-')} {value} keeps every layer float, "
                                  "so there is nothing to quantize; give a smaller budget or leave float out of "
                                  "--candidates")
@@ -484,7 +490,7 @@ class MixedPrecisionPass:
                                                                      *t.tied()),
                                                       top, SWEEP_POINTS), "mixed precision: sweep", SWEEP_POINTS):
             choice = allocate(objective, constrained, float(limit), *t.tied())
-            if all(t.candidates[c].w_bits is None for l, c in zip(t.layers, choice) if not isinstance(l, TablePlan)):
+            if t.all_float(choice):
                 continue
             t.replan(state, choice)
             points.append({"limit": float(limit), **t.summary(choice), "measured_loss": self._joint(state, t, choice),
