@@ -415,3 +415,57 @@ def test_layers_that_raise_the_models_output_error_are_put_back(rng, harmful_bit
     if solver == "bitsplit":
         assert all(r["output_loss"] > r["output_loss_rtn"] > 0 for r in rows)
     assert result.model.graph.SerializeToString() == rtn.graph.SerializeToString()
+
+
+def test_a_fit_put_back_is_solved_again_at_other_ridge_strengths(rng, monkeypatch):
+    """Parallel mode: a layer whose fit at the default weight term moves the outputs no less than
+    round-to-nearest is solved again at each of ``RETRY_RIDGES``; of those, the one of lowest ΔL below
+    round-to-nearest's stays (its report row, with its ridge), else round-to-nearest goes back. The fits
+    at the default are made harmful on purpose (signs flipped, let through the response check), the
+    second tries are the solver's own."""
+    import onnxptq.passes.bitsplit as bitsplit_pass
+
+    objective, solve_kernel, prefer = bitsplit_pass._objective, bitsplit_pass.solve, bitsplit_pass.outputs_prefer_fit
+    ridges, compared = [], []
+
+    def recording_objective(layer, stats, w, ridge):
+        ridges.append(ridge)
+        return objective(layer, stats, w, ridge)
+
+    def flipped_at_default(*args, **kwargs):
+        result = solve_kernel(*args, **kwargs)
+        if ridges[-1] == bitsplit_pass.RIDGE:
+            result.codes = -result.codes
+        return result
+
+    def always(state, layer, write, loss, before=None):
+        write()
+        return bitsplit_pass.Checked(1.0, 0.5, True)
+
+    def recording_prefer(fit, rtn):
+        compared.append((fit, rtn))
+        return prefer(fit, rtn)
+
+    model, x = feature_cnn(rng), smooth_images(rng, 24)
+    options = dict(w_bits=2, first_last_8bit=False, pipeline="light", holdout=0, pass_effects=False)
+    rtn = onnxptq.compile(model, {"x": x}, **options).model
+    for name, patch in [("_objective", recording_objective), ("solve", flipped_at_default),
+                        ("write_if_better", always), ("outputs_prefer_fit", recording_prefer)]:
+        monkeypatch.setattr(bitsplit_pass, name, patch)
+    result = onnxptq.compile(model, {"x": x}, weight_solver="bitsplit", **options)
+    rows = next(p for p in result.report["passes"] if p["name"] == "bitsplit")["layers"]
+    retries = list(bitsplit_pass.RETRY_RIDGES)
+    assert ridges == [bitsplit_pass.RIDGE] * 3 + retries * 3
+    kept = 0
+    for i, row in enumerate(rows):  # per layer: the default's comparison, then one per second try
+        first, *again = compared[i * (1 + len(retries)):(i + 1) * (1 + len(retries))]
+        assert first[1] == row["output_loss_rtn"] <= first[0]
+        below = [(fit, ridge) for (fit, _), ridge in zip(again, retries) if fit < row["output_loss_rtn"]]
+        if below:
+            kept += 1
+            assert (row["kept"], row.get("reverted")) == (True, None)
+            assert (row["output_loss"], row["ridge"]) == min(below)
+        else:
+            assert (row["kept"], row["reverted"]) == (False, True)
+    assert kept > 0
+    assert (result.model.graph.SerializeToString() == rtn.graph.SerializeToString()) == (kept == 0)
