@@ -14,8 +14,9 @@ encoding       initializers                                                    b
 ``int2-cast``  int2 codes packed four per byte, Cast to int8 at load (goal     ⌈n/4⌉ + 5C + 8C
                ``size``, 2-bit codes of any layer); otherwise as ``int8``
 ``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 8C
-``int4-blocks``int4 codes in blocks of B along K, one f32 scale per block and  ⌈n/2⌉ + 4·⌈K/B⌉·C + 4C
-               column, float bias (MatMulNBits)
+``int4-blocks``int4 codes in blocks of B along K, one f16 scale per block and  ⌈n/2⌉ + 2·⌈K/B⌉·C + 4C
+               column (f32 if one is outside f16's normal range), float bias
+               (MatMulNBits)
 =============  ==============================================================  =====================
 
 (the bias terms only when the layer has a bias). ``layer_latency`` measures what a layer costs in
@@ -65,7 +66,7 @@ def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bia
     if encoding == "int4-qdq":
         return packed + 4 * c + -(-c // 2) + int_bias
     if encoding == "int4-blocks":
-        return packed + 4 * -(-k // block_size) * c + (4 * c if bias else 0)
+        return packed + 2 * -(-k // block_size) * c + (4 * c if bias else 0)
     raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
 
 

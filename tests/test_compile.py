@@ -136,8 +136,10 @@ def test_matmul_w8_and_w4(rng, tmp_path):
     assert codes.data_type == onnx.TensorProto.INT4
     dq = next(n for n in q4.graph.node if n.name == "w1_DequantizeLinear")
     assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}
+    scale = next(i for i in q4.graph.initializer if i.name == "w1_scale")
+    assert scale.data_type == onnx.TensorProto.FLOAT16 and list(scale.dims) == [2, 48], "float16, one per block"
     k4 = optimized_kernels(q4)
-    assert k4["mm1"] == "MatMulNBits" and k4["mm2"] == "MatMulNBits"
+    assert k4["mm1"] == "MatMulNBits" and k4["mm2"] == "MatMulNBits", "the scales' Cast folds at load"
     assert r4.report["verification"]["outputs"]["y"]["sqnr_db"] > 15
     # speed-first (the default target): 4-bit codes in int8 storage on the 8-bit integer kernels
     r4s = onnxptq.compile(model, calib, tmp_path / "q4s.onnx", w_bits=4, first_last_8bit=False)
@@ -146,6 +148,20 @@ def test_matmul_w8_and_w4(rng, tmp_path):
     assert k4s["mm1"] == "QLinearMatMul" and k4s["mm2"] == "MatMulIntegerToFloat"
     assert r4s.report["verification"]["coverage"] == 1.0
 
+
+def test_block_scales_are_stored_as_float16_where_the_codes_survive(rng):
+    """``half_scales``: float16 when every scale is a normal float16, and then the codes of ŵ = q·s
+    (what a solver writes) come back unchanged through the rounded scales; a scale below float16's
+    normal range keeps the grid float32."""
+    from onnxptq.passes.emission import half_scales
+
+    s = np.exp(rng.uniform(-9, 0, (8, 64))).astype(np.float32)  # 1.2e-4 … 1
+    q = rng.integers(-8, 8, s.shape)
+    half = half_scales(s)
+    assert half.dtype == np.float16 and np.abs(half.astype(np.float32) / s - 1).max() <= 2.0**-11
+    np.testing.assert_array_equal(np.rint((q * s) / half.astype(np.float32)), q)
+    s[3, 5] = 1e-5
+    assert half_scales(s).dtype == np.float32
 
 def test_w4_conv_runs_on_int8_kernels_with_4bit_codes(cnn_files, tmp_path):
     model_path, calib = cnn_files

@@ -44,7 +44,7 @@ def test_storage_bytes_formulas():
     assert storage_bytes("int2-cast", (32, 16, 3, 3), 32, True) == 1152 + 5 * 32 + 8 * 32
     assert storage_bytes("int2-cast", (3, 3), 3, False) == 3 + 5 * 3  # 9 codes: ⌈9/4⌉ bytes
     # a [K=80, N=24] MatMul in blocks of 32: 3 blocks per column
-    assert storage_bytes("int4-blocks", (80, 24), 24, False) == 960 + 4 * 3 * 24
+    assert storage_bytes("int4-blocks", (80, 24), 24, False) == 960 + 2 * 3 * 24  # float16 scales
     with pytest.raises(ValueError, match="unknown encoding"):
         storage_bytes("int3", (4, 4), 4, False)
 
