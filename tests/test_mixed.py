@@ -306,6 +306,35 @@ def test_a_layer_bn_reestimation_corrects_is_probed_with_its_output_restandardiz
     np.testing.assert_allclose(probe.run({"conv": Change(w_c, True, b_c)})[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_contender_over_the_budget_as_emitted_is_solved_again_below_it(mlp_data, monkeypatch):
+    """``emitted_within``: a choice whose emitted file exceeds the budget (bytes the count leaves out,
+    here 3000 added to every file) is solved again below what it was counted at, by the excess, until
+    the file fits; without such bytes the first solve stands."""
+    from onnxptq.passes import mixed
+
+    model, calib = mlp_data
+    state = planned(model, calib, target="ort-cpu-size", size_ratio=0.2)
+    t = mixed.MixedPrecisionPass()._tables(state, "size_ratio")
+    limit, rows = t.limit(0.2), np.arange(len(t.layers))
+    real, bounds = mixed.output_model, []
+
+    def solve(bound):
+        bounds.append(bound)
+        return allocate(t.loss, t.cost, bound)
+
+    first = mixed.emitted_within(state, t, solve, limit)
+    emitted = real(state).ByteSize()
+    assert bounds == [limit] and emitted <= limit + t.fixed
+    extra = (limit + t.fixed) - emitted + 3000  # the first choice's file is now 3000 bytes over
+    monkeypatch.setattr(mixed, "output_model",
+                        lambda st: type("Sized", (), {"ByteSize": lambda _: real(st).ByteSize() + extra})())
+    bounds.clear()
+    again = mixed.emitted_within(state, t, solve, limit)
+    assert bounds[:2] == [limit, min(limit, t.cost[rows, first].sum()) - 3000 - 1]
+    assert again is not None and t.cost[rows, again].sum() <= bounds[-1]
+    assert real(state).ByteSize() + extra <= limit + t.fixed, "the choice returned (now planned) fits"
+
+
 def test_size_budget_is_met_by_the_emitted_file_and_optimal(mlp_data, tmp_path):
     model, calib = mlp_data
     ratio = 0.25  # between the smallest packed file (0.167) and all-8-bit (0.294)
