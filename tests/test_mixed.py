@@ -26,7 +26,7 @@ from onnxptq.model_io import to_ir
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.candidates import Candidate, dominated, parse_candidates
 from onnxptq.passes.mixed import SWEEP_POINTS, alone_float, narrow_inputs
-from onnxptq.passes.pricing import restandardized
+from onnxptq.passes.pricing import LayerPricer, restandardized
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.sensitivity import Change, InputGrid, build_probe, layer_change, reference
 from onnxptq.passes.verification import fusion_coverage, optimized_kernels
@@ -333,6 +333,29 @@ def test_a_contender_over_the_budget_as_emitted_is_solved_again_below_it(mlp_dat
     assert bounds[:2] == [limit, min(limit, t.cost[rows, first].sum()) - 3000 - 1]
     assert again is not None and t.cost[rows, again].sum() <= bounds[-1]
     assert real(state).ByteSize() + extra <= limit + t.fixed, "the choice returned (now planned) fits"
+
+
+def test_a_layer_only_bias_correction_corrects_is_priced_with_its_bias_corrected(mlp_data):
+    """Under the light pipeline the last layer (``fc``: no BN re-estimation, a bias) is priced as bias
+    correction will leave it: its bias shifted so that its output's mean on the subset is fp32's
+    (numpy), its weights as quantized; a re-standardized layer (``conv``) is not shifted that way."""
+    model, calib = mlp_data
+    state = planned(model, calib, bits={"mm1": 8, "conv": 8, "fc": 2}, target="ort-cpu-avx2", pipeline="light")
+    state.corrections = [p for p in pipelines.build("light", PIPELINE) if p.name in pipelines.CORRECTIONS]
+    data = load_calibration(calib, model, None)
+    pricer = LayerPricer(state, reference(state.model, state.plan, data), data)
+    assert set(pricer.means) == {"fc"} and set(pricer.targets) == {"conv"}
+    w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    h = np.maximum(np.maximum(calib["x"] @ w["w1"], 0) @ w["wc"][:, :, 0, 0].T + w["bc"], 0)
+    layer = state.plan.layers["fc"]
+    s, z = state.plan.act_params(layer.input_name)
+    h_q = fake_quantize(h, s, z, 0, 255)
+    change = pricer.change(pricer.probe("fc"), layer)
+    w_hat = layer.dequantized()
+    np.testing.assert_array_equal(change.weight, w_hat)
+    y = h @ w["w3"].T + w["b3"]
+    np.testing.assert_allclose((h_q @ w_hat.T + change.bias).mean(0), y.mean(0), atol=1e-4)
+    assert np.abs((h_q @ w_hat.T + layer.bias).mean(0) - y.mean(0)).max() > 1e-3, "uncorrected, it is off"
 
 
 def test_size_budget_is_met_by_the_emitted_file_and_optimal(mlp_data, tmp_path):
