@@ -251,7 +251,7 @@ def judge_by_outputs(state: CompileState, rows: list[dict], rtn: dict[str, tuple
         else:
             loss, again, write = best
             write()
-            row.update(again, output_loss=loss, output_loss_rtn=row["output_loss_rtn"])
+            row.update(again, output_loss=loss)
     return worse
 
 
