@@ -5,11 +5,12 @@ The only pass that writes Q/DQ nodes. It works on a copy of the fused graph:
 * weights become integer initializers behind a DequantizeLinear: int8 per output channel
   (``axis`` = the channel axis, zero point 0), or int4 blocked along K for MatMul/Gemm (opset 21
   ``block_size``), which onnxruntime turns into MatMulNBits, their scales stored as float16 behind a
-  Cast to float (folded at load like the Cast of packed codes; ``half_scales``); per-channel int4 storage (goal ``size``)
-  is int4 → Cast(int8) → DequantizeLinear: onnxruntime folds the Cast of a constant at load, so the
-  file holds packed int4 and the layer still fuses into QLinearConv/QGemm (goal ``generic`` writes
-  the plain DequantizeLinear of int4); 2-bit codes under goal ``size`` are int2 → Cast(int8) the same
-  way, four per byte (opset 25: onnxruntime 1.32 loads and folds it, the layer fuses as at int4);
+  Cast to float (folded at load like the Cast of packed codes; ``half_scales``); per-channel int4
+  storage (goal ``size``) is int4 → Cast(int8) → DequantizeLinear: onnxruntime folds the Cast of a
+  constant at load, so the file holds packed int4 and the layer still fuses into QLinearConv/QGemm
+  (goal ``generic`` writes the plain DequantizeLinear of int4); 2-bit codes under goal ``size`` are
+  int2 → Cast(int8) the same way, four per byte (opset 25: onnxruntime 1.32 loads and folds it, the
+  layer fuses as at int4);
 * biases become int32 at scale s_x·s_w[c] (what QLinearConv/QGemm accumulate in), written without a zero
   point (0 by the standard; a per-channel int32 zero point costs 4 bytes a channel for nothing);
   layers with a float input (int4 MatMulNBits) keep the plan's bias in float;

@@ -259,6 +259,12 @@ class Tables:
         order = [c.label for c in self.candidates] + [f"int{bits} table" for bits in TABLE_BITS]
         return {k: found[k] for k in order if found[k]}
 
+    def below(self, limit: float, choice: np.ndarray, excess: float) -> float:
+        """The limit to solve again at when ``choice``'s emitted file is ``excess`` bytes over the budget:
+        below what the choice was counted at (not ``limit``, which it may undercut by more than the
+        excess: then the same choice comes back), by the bytes the count missed."""
+        return min(limit, self.cost[np.arange(len(choice)), choice].sum()) - excess - 1
+
     def all_float(self, choice: np.ndarray) -> bool:
         """Whether ``choice`` keeps every layer float (tables aside): selection cannot re-plan a model
         whose only quantized op would be a lookup."""
@@ -309,7 +315,7 @@ def emitted_within(state: CompileState, t: Tables, solve: Callable[[float], np.n
         excess = output_model(state).ByteSize() - (limit + t.fixed) if t.budget == "size_ratio" else 0
         if excess <= 0:
             return x
-        bound = min(bound, t.cost[np.arange(len(x)), x].sum()) - excess - 1
+        bound = t.below(bound, x, excess)
     return None
 
 
@@ -421,10 +427,7 @@ class MixedPrecisionPass:
             emitted = output_model(state).ByteSize()
             if t.budget != "size_ratio" or emitted <= value * t.fp32_bytes:
                 return choice, emitted
-            # Below what this choice was counted at (not the old limit, which it may undercut by more
-            # than the excess: then the same choice comes back), by the bytes the count missed.
-            counted = t.cost[np.arange(len(choice)), choice].sum()
-            limit = min(limit, counted) - (emitted - value * t.fp32_bytes) - 1
+            limit = t.below(limit, choice, emitted - value * t.fp32_bytes)
         raise InputError(f"--size-ratio {value}: the emitted model stays at {emitted / t.fp32_bytes:.4f}× after "
                          f"{SIZE_RETRIES} tries; raise the budget slightly")
 

@@ -163,6 +163,7 @@ def test_block_scales_are_stored_as_float16_where_the_codes_survive(rng):
     s[3, 5] = 1e-5
     assert half_scales(s).dtype == np.float32
 
+
 def test_w4_conv_runs_on_int8_kernels_with_4bit_codes(cnn_files, tmp_path):
     model_path, calib = cnn_files
     result = onnxptq.compile(model_path, calib, tmp_path / "q.onnx", w_bits=4, first_last_8bit=False)
