@@ -111,6 +111,10 @@ CONFIGS = {
     "onnxptq W4A8 size all layers bitsplit": (_compile_onnxptq, {"w_bits": 4, "target": "ort-cpu-size",
                                                                  "first_last_8bit": False,
                                                                  "weight_solver": "bitsplit"}),
+    # uniform 3-bit packed eight codes per three bytes (onnxptq/int3.py)
+    **{f"onnxptq W3A8 size all layers{label}": (_compile_onnxptq, {"w_bits": 3, "target": "ort-cpu-size",
+                                                                   "first_last_8bit": False, **extra})
+       for label, extra in (("", {}), (" bitsplit", {"weight_solver": "bitsplit"}))},
     "onnxptq W4A4 size": (_compile_onnxptq, {"w_bits": 4, "a_bits": 4, "target": "ort-cpu-size"}),
     "onnxptq W3A8": (_compile_onnxptq, {"w_bits": 3}),
     "onnxptq W3A8 bitsplit": (_compile_onnxptq, {"w_bits": 3, "weight_solver": "bitsplit"}),

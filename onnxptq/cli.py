@@ -77,7 +77,7 @@ def cli() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the QDQ model.")
 @click.option("--w-bits", type=click.Choice(["8", "4", "3", "2"]), default="8", show_default=True,
               help="Weight bits: 8, or 4/3/2 (codes on int8 kernels for --target ort-cpu; packed int4 storage for "
-              "ort-cpu-size, int2 at 2 bits, and generic-qdq).")
+              "ort-cpu-size, int3/int2 at 3/2 bits, and generic-qdq).")
 @click.option("--a-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="Bits of the weighted layers' input activations: 8, or 4 (16-code grids; on int8 kernels, uint8 "
               "codes clipped to 0..15 between Q and DQ). Other quantized tensors keep 8 bits.")
@@ -108,7 +108,8 @@ def cli() -> None:
               default="ort-cpu", show_default=True, help="ort-cpu detects this CPU (speed first: sub-8-bit codes on "
               "int8 kernels); ort-cpu-avx2 gives weights that are exact on every x86 CPU (8-bit codes, scales raised "
               "so no int16 pair saturates); ort-cpu-vnni unconstrained 8-bit for VNNI/AMX x86 and ARM; ort-cpu-size "
-              "stores sub-8-bit weights packed as int4 (MatMulNBits for MatMul/Gemm), 2-bit ones as int2; generic-qdq writes plain "
+              "stores sub-8-bit weights packed as int4 (MatMulNBits for MatMul/Gemm), 3- and 2-bit ones as int3 and int2; "
+              "generic-qdq writes plain "
               "opset-21 QDQ with int4/uint4 tensors for other runtimes (no fusion check).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held back for verification "

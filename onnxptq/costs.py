@@ -13,6 +13,9 @@ encoding       initializers                                                    b
                ``size``, Conv); otherwise as ``int8``
 ``int2-cast``  int2 codes packed four per byte, Cast to int8 at load (goal     ⌈n/4⌉ + 5C + 8C
                ``size``, 2-bit codes of any layer); otherwise as ``int8``
+``int3-cast``  3-bit codes eight per three bytes and the int64 shape, unpacked  3⌈n/8⌉ + 8r + 5C + 8C
+               to int8 at load (``onnxptq/int3.py``; goal ``size``, 3-bit codes
+               of any layer, r the weight's rank); otherwise as ``int8``
 ``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 8C
 ``int4-blocks``int4 codes in blocks of B along K, one f16 scale per block and  ⌈n/2⌉ + 2·⌈K/B⌉·C + 4C
                column (f32 if one is outside f16's normal range), float bias
@@ -36,7 +39,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxptq import runtime
+from onnxptq import int3, runtime
 from onnxptq.kernels.quant import block_rows, channel_rows, row_scales, symmetric_qmax
 from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
@@ -45,8 +48,9 @@ from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan, WeightGrid
 from onnxptq.state import CompileState
 
-ENCODINGS = ("fp32", "int8", "int8-a4", "int4-cast", "int2-cast", "int4-qdq", "int4-blocks")
+ENCODINGS = ("fp32", "int8", "int8-a4", "int4-cast", "int3-cast", "int2-cast", "int4-qdq", "int4-blocks")
 _BLOCKED_OPS = ("MatMul", "Gemm")
+SHARED_BYTES = {"int3-cast": int3.function(21).ByteSize()}  # model-local function, one copy per file
 
 
 def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bias: bool, block_size: int = 32) -> int:
@@ -63,6 +67,8 @@ def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bia
         return packed + 5 * c + int_bias
     if encoding == "int2-cast":
         return -(-n // 4) + 5 * c + int_bias
+    if encoding == "int3-cast":
+        return 3 * -(-n // 8) + 8 * len(weight_shape) + 5 * c + int_bias
     if encoding == "int4-qdq":
         return packed + 4 * c + -(-c // 2) + int_bias
     if encoding == "int4-blocks":
@@ -74,24 +80,36 @@ def layer_encoding(layer: LayerPlan, goal: str) -> str:
     """The encoding emission writes for ``layer`` under the target's ``goal``."""
     if layer.grid.block_size:
         return "int4-blocks"
-    if layer.grid.storage == "int2":
-        return "int2-cast"
+    if layer.grid.storage in ("int2", "int3"):
+        return f"{layer.grid.storage}-cast"
     if layer.grid.storage == "int4":
         return "int4-qdq" if goal == "generic" else "int4-cast"
     return "int8"
 
 
+def _planned_encoding(layer: LayerPlan | TablePlan, goal: str) -> str:
+    """``layer_encoding``, or a lookup table's: ``int8``, ``int4-cast``, ``int3-cast`` or ``int2-cast``."""
+    if isinstance(layer, TablePlan):
+        return {8: "int8", 4: "int4-cast", 3: "int3-cast", 2: "int2-cast"}[layer.bits]
+    return layer_encoding(layer, goal)
+
+
 def layer_storage_bytes(layer: LayerPlan | TablePlan, goal: str, encoding: str | None = None) -> int:
     """``storage_bytes`` of ``layer`` as planned (or in ``encoding``). A lookup table [V, D] counts as a
-    weight of D channels without bias: ``int8``, ``int4-cast`` at 4 bits or ``int2-cast`` at 2 (one scale
-    per column)."""
+    weight of D channels without bias (one scale per column)."""
+    encoding = encoding or _planned_encoding(layer, goal)
     if isinstance(layer, TablePlan):
-        shape = layer.table.shape
-        packed = {8: "int8", 4: "int4-cast", 2: "int2-cast"}[layer.bits]
-        return storage_bytes(encoding or packed, shape, shape[1], False)
-    return storage_bytes(encoding or layer_encoding(layer, goal), layer.weight.shape,
-                         layer.channels, layer.bias is not None,
+        return storage_bytes(encoding, layer.table.shape, layer.table.shape[1], False)
+    return storage_bytes(encoding, layer.weight.shape, layer.channels, layer.bias is not None,
                          layer.grid.block_size or 32)
+
+
+def counted_bytes(layer: LayerPlan | TablePlan, goal: str) -> int:
+    """``layer_storage_bytes`` plus what the file holds once for every layer in the layer's encoding —
+    the unpacking function of int3 (``SHARED_BYTES``) — charged to each such layer: an upper bound by
+    (k − 1) copies for k layers, which a size budget can add up layer by layer. (Under 1 kB: on a
+    20 kB test model it decides the choice, on a real model it is lost in the payloads.)"""
+    return layer_storage_bytes(layer, goal) + SHARED_BYTES.get(_planned_encoding(layer, goal), 0)
 
 
 def encodings_for(op_type: str) -> tuple[str, ...]:
@@ -107,7 +125,8 @@ def _grid(state: CompileState, layer: LayerPlan, encoding: str, k_axis: int) -> 
         w_kn = layer.weight if k_axis == 0 else layer.weight.T
         scale = row_scales(block_rows(w_kn, 32), 7, "minmax").reshape(-1, w_kn.shape[1])
         return WeightGrid(bits=4, qmax=7, qmin=-8, axis=k_axis, scale=scale, block_size=32, storage="int4")
-    bits, storage = {"int8": (8, "int8"), "int8-a4": (8, "int8"), "int2-cast": (2, "int2")}.get(encoding, (4, "int4"))
+    bits, storage = {"int8": (8, "int8"), "int8-a4": (8, "int8"), "int2-cast": (2, "int2"),
+                     "int3-cast": (3, "int3")}.get(encoding, (4, "int4"))
     qmax = symmetric_qmax(bits)
     scale = WeightGridPass._bias_safe(state, layer, row_scales(channel_rows(layer.weight, axis), qmax, "minmax"))
     return WeightGrid(bits=bits, qmax=qmax, axis=axis, storage=storage, scale=scale)

@@ -7,8 +7,9 @@ instead of measuring, and the same file gives the same choice. The file records 
 measured on (SHA-256 of the source model's bytes) and the target; a file for another model or target
 is refused rather than silently reused.
 
-An encoding whose codes onnxruntime converts to int8 at load (``int4-cast``, ``int2-cast``: the Cast of
-a constant is folded) runs the very graph of ``int8``, so it is timed as ``int8`` (``timed_as``).
+An encoding whose codes onnxruntime converts to int8 at load (``int4-cast``, ``int3-cast``,
+``int2-cast``: the Cast or unpacking of a constant is folded) runs the very graph of ``int8``, so it
+is timed as ``int8`` (``timed_as``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from onnxptq.model_io import write_atomic
 from onnxptq.state import CompileState
 from onnxptq.target import resolve_target
 
-FOLDED_TO_INT8 = ("int4-cast", "int2-cast")
+FOLDED_TO_INT8 = ("int4-cast", "int3-cast", "int2-cast")
 
 
 def timed_as(encoding: str) -> str:

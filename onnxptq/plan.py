@@ -41,8 +41,8 @@ class FoldedBN:
 class WeightGrid:
     """Symmetric signed grid of a weight: per channel along ``axis`` (or per block of ``block_size``
     along the reduction axis), codes in [−qmax, qmax] (or [−qmax−1, qmax] for blocked int4 storage).
-    ``storage`` is the initializer type the codes are written in: int8, int4 packed two per byte, or
-    int2 packed four per byte."""
+    ``storage`` is the initializer type the codes are written in: int8, int4 packed two per byte,
+    int3 eight per three bytes (``onnxptq/int3.py``) or int2 packed four per byte."""
 
     bits: int
     qmax: int
@@ -128,7 +128,7 @@ class ActivationPlan:
 @dataclass
 class TablePlan:
     """A constant float table T [V, D] read by a Gather along axis 0 (an embedding): stored as signed
-    ``bits``-bit codes (8, or 4 or 2 packed) with one asymmetric grid per column d (scale s_d, int8 zero
+    ``bits``-bit codes (8, or 4, 3 or 2 packed) with one asymmetric grid per column d (scale s_d, int8 zero
     point z_d; ``kernels.quant.affine_rows``), gathered as codes and dequantized after the lookup,
     T̂[v, d] = (q[v, d] − z_d)·s_d, q in [−2^(bits−1), 2^(bits−1) − 1]. No kernel computes on it, so it
     only shrinks the file and memory, and its grid can use every code."""

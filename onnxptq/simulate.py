@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxptq import runtime
+from onnxptq import int3, runtime
 from onnxptq.kernels.im2col import conv_pads
 from onnxptq.kernels.integer import add_requantize, conv_accumulate, matmul_accumulate, requantize
 
@@ -124,8 +124,11 @@ class QDQGraph:
         return _DQ(p.input[0], scale, zero, axis)
 
     def constant(self, value: str) -> np.ndarray | None:
-        """An integer initializer (behind the Cast that unpacks int4 at load), as int64."""
+        """An integer initializer (behind the Cast that unpacks int4 and int2 at load, or the function
+        that unpacks int3), as int64."""
         p = self.producer.get(value)
+        if p is not None and p.op_type == int3.FUNCTION and p.domain == int3.DOMAIN:
+            return int3.unpack(self.array(p.input[0]), tuple(self.array(p.input[1]))).astype(np.int64)
         if p is not None and p.op_type == "Cast":
             value = p.input[0]
         return self.array(value).astype(np.int64) if value in self.inits else None

@@ -17,7 +17,8 @@ Each profile also says how layers below 8 bits are *encoded* (``goal``):
   become int4 blocks along K (MatMulNBits, float activations); Conv stores int4 codes behind a Cast to
   int8 that onnxruntime constant-folds at load, so it still runs on QLinearConv (DequantizeLinear of
   int4 straight into a Conv has no integer kernel and runs 1.3–1.9× slower than fp32). 2-bit codes of
-  any layer are int2, four per byte, behind the same Cast (opset 25), on the int8 kernels.
+  any layer are int2, four per byte, behind the same Cast (opset 25), and 3-bit codes eight per three
+  bytes behind an unpacking function (``onnxptq/int3.py``), both folded at load, on the int8 kernels.
 * ``generic`` (``generic-qdq``): plain opset-21 QDQ for other runtimes (TensorRT, QNN, …). It
   guarantees: the model is opset 21 (IR version ≥ 10) at every bit width and passes
   ``onnx.checker`` (full check); its only quantization ops are standard-domain QuantizeLinear /
@@ -97,7 +98,7 @@ def resolve_target(name: str) -> Target:
         if name == "ort-cpu":
             return host
         return replace(host, name=f"{host.name}-size", goal="size",
-                       description=host.description + "; sub-8-bit weights stored packed as int4 (int2 at 2 bits)")
+                       description=host.description + "; sub-8-bit weights stored packed as int4 (int3, int2 at 3, 2 bits)")
     if name not in TARGETS:
         raise InputError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
     return TARGETS[name]

@@ -50,6 +50,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx import version_converter
 
+from onnxptq import int3
 from onnxptq.errors import InputError
 from onnxptq.graph import add_initializer, set_const
 from onnxptq.kernels.quant import block_scales, broadcast_channel, quantize
@@ -88,15 +89,16 @@ class _Writer:
         self.bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
 
     def dq(self, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
-           axis: int | None = None, block_size: int | None = None, unpack: bool = False) -> ir.Value:
-        """Initializer ``codes`` behind a DequantizeLinear; returns the float output value. With
-        ``unpack`` the codes pass through a Cast to ``zero_point``'s type first, and a float16 ``scale``
-        through a Cast to float (both folded at load)."""
-        stored = add_initializer(self.graph, f"{name}_quantized", codes)
+           axis: int | None = None, block_size: int | None = None, packed: str | None = None) -> ir.Value:
+        """Initializer ``codes`` behind a DequantizeLinear; returns the float output value. With ``packed``
+        (int4, int3, int2) the codes are stored so and unpacked to ``zero_point``'s type (``_packed``), and a
+        float16 ``scale`` passes through a Cast to float (all folded at load)."""
         casts = []
-        if unpack:
-            casts.append(self._unpacked(stored, ir.DataType.from_numpy(zero_point.dtype), name, self._first()))
+        if packed:
+            casts.append(self._packed(codes, packed, ir.DataType.from_numpy(zero_point.dtype), name, self._first()))
             stored = casts[-1].outputs[0]
+        else:
+            stored = add_initializer(self.graph, f"{name}_quantized", codes)
         scale_value = add_initializer(self.graph, f"{name}_scale", scale)
         if scale.dtype == np.float16:
             casts.append(self._unpacked(scale_value, ir.DataType.FLOAT, f"{name}_scale", self._first()))
@@ -127,6 +129,21 @@ class _Writer:
         out.name, out.type, out.shape = f"{name}_unpacked", ir.TensorType(dtype), stored.shape
         self.graph.insert_before(before, cast)
         return cast
+
+    def _packed(self, codes: np.ndarray, storage: str, dtype: ir.DataType, name: str, before: ir.Node) -> ir.Node:
+        """Integer ``codes`` stored as ``storage`` and the node, inserted before ``before``, that gives
+        them back as ``dtype``: int4 / int2 initializers behind a Cast; int3 (int8 only) packed eight per
+        three bytes behind ``Int3ToInt8`` (``onnxptq/int3.py``; ``emit_model`` adds the function)."""
+        if storage != "int3":
+            return self._unpacked(add_initializer(self.graph, f"{name}_quantized", codes.astype(PACKED[storage])),
+                                  dtype, name, before)
+        stored = add_initializer(self.graph, f"{name}_quantized", int3.pack(codes))
+        shape = add_initializer(self.graph, f"{name}_shape", np.array(codes.shape, np.int64))
+        unpack = ir.node(int3.FUNCTION, [stored, shape], domain=int3.DOMAIN, name=f"{name}_{int3.FUNCTION}")
+        out = unpack.outputs[0]
+        out.name, out.type, out.shape = f"{name}_unpacked", ir.TensorType(ir.DataType.INT8), ir.Shape(codes.shape)
+        self.graph.insert_before(before, unpack)
+        return unpack
 
     def qdq(self, value: ir.Value, scale: np.float32, zero_point: int, skip: set[str],
             dtype: type = np.uint8) -> None:
@@ -193,15 +210,15 @@ class _Writer:
 
     def gathered_codes(self, node: ir.Node, table: TablePlan) -> None:
         """Make Gather ``node`` look up ``table``'s int8 codes instead of its float values and
-        dequantize what it gathers along the last axis with the per-column scale and zero point. 4- and 2-bit codes are
-        stored packed (int4, int2) and Cast to int8 before the lookup (folded at load). The dequantized value
-        takes the Gather output's name, so activation plans keyed on it apply to it."""
+        dequantize what it gathers along the last axis with the per-column scale and zero point. 2- to
+        4-bit codes are stored packed and unpacked to int8 before the lookup (``_packed``, folded at
+        load). The dequantized value takes the Gather output's name, so activation plans keyed on it
+        apply to it."""
         name, codes = table.name, table.codes()
-        packed = table.bits != 8
-        stored = add_initializer(self.graph, f"{name}_quantized",
-                                 codes.astype(PACKED[f"int{table.bits}"]) if packed else codes)
-        if packed:
-            stored = self._unpacked(stored, ir.DataType.INT8, name, node).outputs[0]
+        if table.bits == 8:
+            stored = add_initializer(self.graph, f"{name}_quantized", codes)
+        else:
+            stored = self._packed(codes, f"int{table.bits}", ir.DataType.INT8, name, node).outputs[0]
         node.replace_input_with(0, stored)
         value = node.outputs[0]
         s = add_initializer(self.graph, f"{name}_scale", table.scale.astype(np.float32))
@@ -219,7 +236,7 @@ class _Writer:
         return next(iter(self.graph))
 
 
-PACKED = {"int4": ml_dtypes.int4, "int2": ml_dtypes.int2}  # packed storage → the codes' numpy type
+PACKED = {"int4": ml_dtypes.int4, "int2": ml_dtypes.int2}  # packed storage → the codes' numpy type (int3: ``_packed``)
 
 
 def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) -> None:
@@ -237,13 +254,15 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
         return
     s_w = grid.scale.astype(np.float32)
     codes = quantize(layer.weight, broadcast_channel(s_w, grid.axis, layer.weight.ndim), 0, grid.low, grid.qmax)
-    packed = grid.storage in PACKED
-    # Packed codes are cast to int8 where onnxruntime folds the Cast at load (the integer kernels
-    # take int8 weights); the generic encoding dequantizes int4 directly.
-    stored, zp_type = (PACKED[grid.storage], ml_dtypes.int4 if plan.goal == "generic" else np.int8) if packed \
-        else (np.int8, np.int8)
-    node.replace_input_with(1, w.dq(layer.weight_name, codes.astype(stored), s_w, np.zeros(len(s_w), zp_type),
-                                    axis=grid.axis, unpack=packed and plan.goal != "generic"))
+    # Packed codes are unpacked to int8 where onnxruntime folds the unpacking at load (the integer
+    # kernels take int8 weights); the generic encoding dequantizes int4 directly.
+    if plan.goal == "generic" and grid.storage == "int4":
+        weight = w.dq(layer.weight_name, codes.astype(ml_dtypes.int4), s_w, np.zeros(len(s_w), ml_dtypes.int4),
+                      axis=grid.axis)
+    else:
+        weight = w.dq(layer.weight_name, codes.astype(np.int8), s_w, np.zeros(len(s_w), np.int8), axis=grid.axis,
+                      packed=grid.storage if grid.storage != "int8" else None)
+    node.replace_input_with(1, weight)
     if layer.bias is not None and layer.activation_input:
         b_q, s_b = int32_bias(layer, plan)
         node.replace_input_with(2, w.dq(layer.bias_name, b_q, s_b, None, axis=0))
@@ -320,10 +339,11 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
 
     Node names are kept, so a planned layer is found in the result by its name.
     """
-    # int4 tensors need opset 21 (int2 25); the generic target promises opset-21 QDQ at every bit width.
+    # int4 tensors need opset 21 (int2 25, int3's function 18); the generic target promises opset-21 QDQ
+    # at every bit width.
     storages = {l.grid.storage for l in plan.layers.values()} | {f"int{t.bits}" for t in plan.tables.values()}
     opset21 = plan.goal == "generic" or "int4" in storages or any(_narrow(plan, a) for a in plan.activations.values())
-    opset = 25 if "int2" in storages else 21 if opset21 else 13
+    opset = 25 if "int2" in storages else 21 if opset21 or "int3" in storages else 13
     model = ir.serde.deserialize_model(_with_opset(ir.serde.serialize_model(fp32), opset))
     graph = model.graph
     nodes = {n.name: n for n in graph}
@@ -350,6 +370,10 @@ def emit_model(fp32: ir.Model, plan: QuantPlan) -> ir.Model:
             writer.capped_qdq(value, scale, zp, root.qmax, float_input, source=_capped_source(plan, value))
         else:
             writer.qdq(values[name], scale, zp, skip=float_input, dtype=dtype)
+    if "int3" in storages:
+        function = ir.serde.deserialize_function(int3.function(opset))
+        model.functions[function.identifier()] = function
+        model.opset_imports[int3.DOMAIN] = 1
     common.RemoveUnusedNodesPass()(model)
     common.TopologicalSortPass()(model)
     return model

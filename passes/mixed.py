@@ -64,7 +64,7 @@ parallel mode: one capture of the fp32 responses serves every width): measured, 
 chosen, emitted as such (``replan`` carries a fit's weights and bias along with its grid).
 
 Lookup tables (``plan.tables``, embeddings read by Gather) are rows of the program too: at a
-candidate of 8, 4 or 2 weight bits the table is stored at that width (``passes/tables.py``), at float
+candidate of 8, 4, 3 or 2 weight bits the table is stored at that width (``passes/tables.py``), at float
 float; the other candidates are not offered. Its ΔL is measured like a layer's (the table replaced by
 T̂), its bytes are the codes and per-column scales and zero points, its BOPs and latency 0 (a lookup computes
 nothing). MiniLM-L6's int8 word-embedding table alone is 0.13× of its fp32 file, so without a 4-bit
@@ -90,7 +90,7 @@ import numpy as np
 
 from onnxptq import runtime
 from onnxptq.capture import response_stats
-from onnxptq.costs import layer_encoding, layer_storage_bytes
+from onnxptq.costs import counted_bytes, layer_encoding, layer_storage_bytes
 from onnxptq.errors import InputError
 from onnxptq.graph import attr
 from onnxptq.kernels.allocation import Infeasible, allocate, smallest_total
@@ -119,7 +119,7 @@ SWEEP_POINTS = 8
 def table_widths(candidates: list[Candidate]) -> list[int | None]:
     """Per candidate, the width a lookup table takes at it: the weight bits where a table can be stored
     at them (``TABLE_BITS``; the first such candidate only, the others would repeat it), ``FLOAT_BITS``
-    for float, None where it cannot (3 bits, which emission has no table encoding for)."""
+    for float, None where it cannot."""
     widths, seen = [], set()
     for c in candidates:
         w = FLOAT_BITS if c.w_bits is None else c.w_bits if c.w_bits in TABLE_BITS else None
@@ -377,7 +377,7 @@ class MixedPrecisionPass:
                                + [[w is None for w in widths] for _ in tables]).reshape(len(layers), len(candidates))
         ref = reference(state.model, state.plan, subset(state.calib), opts.threads)
         goal = state.plan.goal
-        size = np.array([[layer_storage_bytes(l, goal, "fp32") if f is None else layer_storage_bytes(f, goal)
+        size = np.array([[layer_storage_bytes(l, goal, "fp32") if f is None else counted_bytes(f, goal)
                           for f in fitted[l.node]] for l in layers], np.float64)
         size[len(planned):][unavailable[len(planned):]] = np.nan  # no such table encoding
         macs = np.array([ref.macs.get(l.node, 0) for l in layers], np.float64)
@@ -459,7 +459,7 @@ class MixedPrecisionPass:
                     "predicted_loss": None if np.isnan(predicted) else predicted, "measured_loss": output_distance(
                 ref.outputs, run_batches(session, ref.names, ref.feeds), ref.normalized)}
 
-        worse = dominated(t.candidates, t.cost.sum(axis=0, keepdims=True))[0]  # 3 bits stored as 4 (size)
+        worse = dominated(t.candidates, t.cost.sum(axis=0, keepdims=True))[0]  # e.g. sub-8-bit codes stored int8
         over = []  # (total, column) of the uniform choices over the budget
         for j, cand in enumerate(t.candidates):
             uniform = np.full(len(t.layers), j)

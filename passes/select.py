@@ -28,8 +28,9 @@ Rules, for onnxruntime's CPU QDQ fusions (uint8 activations, int8 weights):
 Below 8 bits the target's goal (``onnxptq/target.py``) picks the weight encoding: for ``speed`` every
 layer keeps int8 storage with codes in [−7, 7], [−3, 3] or [−1, 1] on the same integer kernels as
 8-bit weights; for ``size`` they are stored as int4 — MatMul/Gemm blocked along the reduction axis for
-MatMulNBits (which takes a float activation input), Conv per channel — and 2-bit codes of any layer as
-int2 per channel (a quarter byte per weight, on the int8 kernels); ``generic`` stores int4 per
+MatMulNBits (which takes a float activation input), Conv per channel — and 2- or 3-bit codes of any
+layer per channel as int2 or int3 (a quarter or three eighths of a byte per weight, on the int8
+kernels); ``generic`` stores int4 per
 channel everywhere. The weighted layers' inputs take ``--a-bits`` (4: a 16-code grid); every other
 quantized tensor keeps 8 bits (``_narrow_layer_inputs_only``). With ``first_last_8bit`` (the papers'
 convention, on by default) the first and last weighted layers — those with no weighted layer before,
@@ -306,18 +307,20 @@ class SelectPass:
 
 
 def _blocked(op_type: str, bits: int, goal: str) -> bool:
-    """Whether a layer is stored as int4 blocks along K for MatMulNBits (float activation input); 2-bit
-    codes are not: int2 per channel is half the bytes (``weight_storage``)."""
-    return goal == "size" and 2 < bits < 8 and op_type in ("MatMul", "Gemm")
+    """Whether a layer is stored as int4 blocks along K for MatMulNBits (float activation input); 2- and
+    3-bit codes are not: int2 / int3 per channel take under ½ / ⅔ of the bytes (``weight_storage``)."""
+    return goal == "size" and bits == 4 and op_type in ("MatMul", "Gemm")
 
 
 def weight_storage(bits: int, goal: str) -> str:
     """The initializer type of a per-channel weight grid of ``bits`` < 8 under the target's ``goal``:
-    int8 codes (``speed``), int2 for 2-bit codes (``size``: onnxruntime folds the Cast to int8 at load,
-    as for int4), else int4."""
+    int8 codes (``speed``); under ``size`` int2 for 2-bit codes and int3 for 3-bit ones (eight per three
+    bytes, ``onnxptq/int3.py``), which onnxruntime unpacks to int8 at load as it does int4; else int4."""
     if goal == "speed":
         return "int8"
-    return "int2" if bits == 2 and goal == "size" else "int4"
+    if goal == "size" and bits in (2, 3):
+        return f"int{bits}"
+    return "int4"
 
 
 def weight_grid(node: ir.Node, axis: int, bits: int, goal: str, qmax8: int, block_size: int) -> WeightGrid:

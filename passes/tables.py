@@ -9,10 +9,11 @@ looked up: no full-table dequantization per run. Per column rather than per row 
 would need its own lookup, which no standard DequantizeLinear expresses. Tables shared with another node (tied weights)
 stay float.
 
-This pass plans every table at 8 bits (4× smaller than float); mixed precision may choose 4 or 2 bits
-(``fit_table``), stored packed two (int4) or four (int2, opset 25) codes per byte and Cast to int8
-before the Gather — onnxruntime folds the Cast of a constant at load, so the file holds 8× or 16× less
-than float and the lookup runs on int8. At 2 bits a column has four levels (codes −2 … 1): MiniLM-L6's word
+This pass plans every table at 8 bits (4× smaller than float); mixed precision may choose 4, 3 or 2
+bits (``fit_table``), stored packed two (int4) or four (int2, opset 25) codes per byte and Cast to int8
+before the Gather, or eight per three bytes behind ``onnxptq/int3.py``'s unpacking function —
+onnxruntime folds either at load, so the file holds 8×, 10⅔× or 16× less than float and the lookup
+runs on int8. At 2 bits a column has four levels (codes −2 … 1): MiniLM-L6's word
 embeddings (half its weights) fake-quantized so keep a mean output cosine of 0.974 to fp32 (MSE range;
 on a symmetric grid, three levels, 0.907), a loss the integer program weighs against 2-bit layers.
 """
@@ -27,7 +28,7 @@ from onnxptq.passes.select import excluded
 from onnxptq.plan import TablePlan
 from onnxptq.state import CompileState
 
-TABLE_BITS = (8, 4, 2)  # the widths a table can be stored at
+TABLE_BITS = (8, 4, 3, 2)  # the widths a table can be stored at
 
 
 def fit_table(node: str, name: str, table: np.ndarray, bits: int, method: str) -> TablePlan:

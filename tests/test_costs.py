@@ -20,7 +20,7 @@ def initializer_bytes(model: onnx.ModelProto, weight: str, bias: str | None) -> 
 
 
 @pytest.mark.parametrize("target,w_bits", [("ort-cpu-avx2", 8), ("ort-cpu", 4), ("ort-cpu-size", 4),
-                                            ("ort-cpu-size", 2), ("generic-qdq", 4)])
+                                            ("ort-cpu-size", 3), ("ort-cpu-size", 2), ("generic-qdq", 4)])
 @pytest.mark.parametrize("which", ["cnn", "mlp"])
 def test_storage_bytes_match_the_emitted_initializers(rng, which, target, w_bits):
     model = cnn(rng) if which == "cnn" else mlp(rng)
@@ -30,7 +30,7 @@ def test_storage_bytes_match_the_emitted_initializers(rng, which, target, w_bits
     encodings = {row["encoding"] for row in result.report["layers"]}
     expected = {("ort-cpu-avx2", 8): {"int8"}, ("ort-cpu", 4): {"int8"}, ("generic-qdq", 4): {"int4-qdq"},
                 ("ort-cpu-size", 4): {"int4-cast", "int4-blocks"} if which == "cnn" else {"int4-blocks"},
-                ("ort-cpu-size", 2): {"int2-cast"}}
+                ("ort-cpu-size", 3): {"int3-cast"}, ("ort-cpu-size", 2): {"int2-cast"}}
     assert encodings <= expected[target, w_bits] and encodings
     for row in result.report["layers"]:
         assert row["bytes"] == initializer_bytes(result.model, *LAYERS[row["node"]]), row
@@ -43,6 +43,9 @@ def test_storage_bytes_formulas():
     assert storage_bytes("int4-cast", (32, 16, 3, 3), 32, True) == 2304 + 5 * 32 + 8 * 32
     assert storage_bytes("int2-cast", (32, 16, 3, 3), 32, True) == 1152 + 5 * 32 + 8 * 32
     assert storage_bytes("int2-cast", (3, 3), 3, False) == 3 + 5 * 3  # 9 codes: ⌈9/4⌉ bytes
+    # 3 bytes per 8 codes (⌈4608/8⌉ groups) and the 4-D shape as int64
+    assert storage_bytes("int3-cast", (32, 16, 3, 3), 32, True) == 1728 + 32 + 5 * 32 + 8 * 32
+    assert storage_bytes("int3-cast", (3, 3), 3, False) == 6 + 16 + 5 * 3  # 9 codes: 2 groups
     # a [K=80, N=24] MatMul in blocks of 32: 3 blocks per column
     assert storage_bytes("int4-blocks", (80, 24), 24, False) == 960 + 2 * 3 * 24  # float16 scales
     with pytest.raises(ValueError, match="unknown encoding"):

@@ -181,3 +181,15 @@ def test_matmulnbits_is_blockwise_int8_up_to_float_summation(rng):
     assert (np.abs(y - want) / step).max() < 0.05
     float_acts = x[48:].astype(np.float64) @ (w_codes * np.repeat(w_scale, block, 0))
     assert (np.abs(y - float_acts) / step).max() > 1, "the reference has teeth: int8 activations matter"
+
+
+def test_three_bit_codes_are_read_through_their_unpacking_function():
+    """Under the size target 3-bit weights are stored eight per three bytes behind ``Int3ToInt8``: the
+    verification's integer simulation reads the codes back through it and matches onnxruntime."""
+    result, _ = compile_dense("MatMul", "W8A8", target="ort-cpu-size", w_bits=3, first_last_8bit=False)
+    q = result.model
+    assert sum(n.op_type == "Int3ToInt8" for n in q.graph.node) == 3
+    codes = read_layer(q, "mm1").w_codes
+    assert codes.min() >= -3 and codes.max() == 3
+    report = result.report["verification"]["integer_simulation"]
+    assert report["ops"] == {"Gemm": 1, "MatMul": 2, "Add": 1} and report["unexplained"] == 0, report

@@ -201,7 +201,7 @@ def planned(model, calib, bits=None, **options) -> CompileState:
 
 def payload(model: onnx.ModelProto, node_name: str) -> int:
     """Bytes of the initializers behind a node's weight and bias in an emitted model (through their
-    DQ, and the Cast that unpacks int4/int2 codes)."""
+    DQ, and the Cast or function that unpacks int4/int2/int3 codes)."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
 
@@ -218,6 +218,7 @@ def payload(model: onnx.ModelProto, node_name: str) -> int:
 @pytest.mark.parametrize("bits, target", [({}, "ort-cpu-avx2"), ({"mm1": 4, "conv": 2, "fc": 4}, "ort-cpu-avx2"),
                                           ({"mm1": None, "conv": 3, "fc": 8}, "ort-cpu-avx2"),
                                           ({"mm1": 2, "conv": 2, "fc": 4}, "ort-cpu-size"),
+                                          ({"mm1": 3, "conv": 3, "fc": 2}, "ort-cpu-size"),
                                           ({"mm1": 4, "conv": 4, "fc": 2}, "ort-cpu-size")])
 def test_byte_count_matches_the_emitted_file(mlp_data, bits, target):
     state = planned(*mlp_data, bits=bits, target=target)
@@ -571,16 +572,24 @@ def test_add_before_an_int4_matmul_stays_float(rng):
     assert fusion_coverage(state.plan.ops, kernels)["coverage"] == 1.0, kernels
 
 
-def test_two_bit_layers_are_stored_as_int2_and_run_on_integer_kernels(mlp_data):
-    """Under the size target 2-bit codes are int2 (four per byte) behind a Cast that onnxruntime folds
-    at load: every layer, MatMul and Gemm included, still runs on an int8 kernel, and the outputs are
-    those of the same codes stored as int8."""
+@pytest.mark.parametrize("w_bits", [2, 3])
+def test_two_and_three_bit_layers_are_stored_packed_and_run_on_integer_kernels(mlp_data, w_bits):
+    """Under the size target 2-bit codes are int2 (four per byte) behind a Cast, 3-bit codes eight per
+    three bytes behind ``Int3ToInt8``, both folded by onnxruntime at load: every layer, MatMul and
+    Gemm included, still runs on an int8 kernel, and the outputs are those of the same codes stored
+    as int8."""
     model, calib = mlp_data
-    state = planned(model, calib, bits={"mm1": 2, "conv": 2, "fc": 2}, target="ort-cpu-size")
+    state = planned(model, calib, bits={"mm1": w_bits, "conv": w_bits, "fc": w_bits}, target="ort-cpu-size")
     proto = ir.serde.serialize_model(emit_model(state.model, state.plan))
-    int2 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT2]
-    assert sorted(t.name for t in int2) == ["w1_quantized", "w3_quantized", "wc_quantized"]
-    assert all(len(t.raw_data) == -(-int(np.prod(t.dims)) // 4) for t in int2)
+    weights = {"w1": (48, 192), "wc": (192, 192, 1, 1), "w3": (10, 192)}
+    stored = {t.name: t for t in proto.graph.initializer if t.name in {f"{w}_quantized" for w in weights}}
+    assert len(stored) == len(weights)
+    for w, shape in weights.items():
+        t, n = stored[f"{w}_quantized"], int(np.prod(shape))
+        if w_bits == 2:
+            assert t.data_type == onnx.TensorProto.INT2 and len(t.raw_data) == -(-n // 4)
+        else:
+            assert t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [-(-n // 8), 3]
     kernels = optimized_kernels(proto)
     assert fusion_coverage(state.plan.ops, kernels)["coverage"] == 1.0, kernels
     assert kernels["conv"] == "QLinearConv"
@@ -697,7 +706,7 @@ def test_bitsplit_solves_every_low_bit_candidate_and_the_choice_keeps_its_fit(rn
 
 def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_that_fit(mlp_data, tmp_path,
                                                                                           monkeypatch):
-    """Under a size budget that uniform 4- and 2-bit models fit, the program's mix and those models are
+    """Under a size budget that uniform 4-, 3- and 2-bit models fit, the program's mix and those models are
     each corrected as the pipeline corrects them and measured on the calibration set; the file written
     is the nearest, and its own distance to fp32 there (onnxruntime, independently) is what was recorded.
     A program that proposes a poor mix (2-bit MatMul and Conv) loses to uniform 4-bit."""
@@ -712,9 +721,9 @@ def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_th
                                  holdout=0)
         report = result.report["mixed"]
         contenders = {c["choice"]: c["measured_loss"] for c in report["contenders"]}
-        assert contenders.keys() - {"uniform w8a8 demoted to fit"} == {"program", "uniform w4a8", "uniform w2a8"}, \
-            "8 bits do not fit (demoted to fit, measured where that is not the program's choice); 3 bits are " \
-            "stored as 4 bits, so no smaller: not measured"
+        assert contenders.keys() - {"uniform w8a8 demoted to fit"} == {"program", "uniform w4a8", "uniform w3a8",
+                                                                       "uniform w2a8"}, \
+            "8 bits do not fit (demoted to fit, measured where that is not the program's choice)"
         written = runtime.session(str(tmp_path / "q.onnx")).run(None, calib)[0]
         assert mean_kl(fp32, written, False) == pytest.approx(min(contenders.values()), rel=1e-5)
     assert contenders["program"] > contenders["uniform w4a8"]
