@@ -437,8 +437,8 @@ class MixedPrecisionPass:
         rows; under a size budget judged by the bytes emitted) and the cheapest one over it ``demoted``
         to fit, the one whose model, corrected by the pipeline's BN re-estimation and bias correction,
         is nearest fp32 on the calibration set (module doc); each is recorded in ``t.contenders``. A
-        uniform choice whose candidate has fewer bits than another at no smaller total (3 bits stored
-        as 4) is not measured."""
+        uniform choice whose candidate has fewer bits than another at no smaller total (sub-8-bit codes
+        stored int8) is not measured."""
         t.contenders = []
         if t.budget == "max_drop":  # the limit bounds the loss: nothing uniform to compare bytes with
             return choice
