@@ -90,7 +90,7 @@ def layer_encoding(layer: LayerPlan, goal: str) -> str:
 def _planned_encoding(layer: LayerPlan | TablePlan, goal: str) -> str:
     """``layer_encoding``, or a lookup table's: ``int8``, ``int4-cast``, ``int3-cast`` or ``int2-cast``."""
     if isinstance(layer, TablePlan):
-        return {8: "int8", 4: "int4-cast", 3: "int3-cast", 2: "int2-cast"}[layer.bits]
+        return "int8" if layer.bits == 8 else f"int{layer.bits}-cast"
     return layer_encoding(layer, goal)
 
 
