@@ -23,6 +23,7 @@ from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.candidates import budget_of
 from onnxptq.passes.emission import EmissionPass
 from onnxptq.passes.fusion import FusionPass
+from onnxptq.passes.heads import HeadSplitPass
 from onnxptq.passes.mixed import MixedPrecisionPass
 from onnxptq.passes.select import SelectPass
 from onnxptq.passes.tables import TablePass
@@ -30,8 +31,8 @@ from onnxptq.passes.verification import VerificationPass
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.state import CompileOptions, CompileState, Progress, run_passes
 
-PIPELINE = (FusionPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass, MixedPrecisionPass,
-            EmissionPass, VerificationPass)
+PIPELINE = (FusionPass, HeadSplitPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass,
+            MixedPrecisionPass, EmissionPass, VerificationPass)
 
 
 @dataclass

@@ -70,6 +70,10 @@ T̂), its bytes are the codes and per-column scales and zero points, its BOPs an
 nothing). MiniLM-L6's int8 word-embedding table alone is 0.13× of its fp32 file, so without a 4-bit
 table no budget near that is reachable.
 
+Under a byte budget a large class head arrives split by how probable the calibration set makes each
+class (``passes/heads.py``): each part is a row of its own, so the classes the data never makes
+probable can take 2 bits while the others keep 4 or 8 (PP-OCRv4's 6625-class head, 30% of its weights).
+
 Only what can be chosen is measured: a candidate with fewer weight bits that costs no less than one
 with more (a 2-bit Conv stored as int8 codes, under a size budget) is left out (``dominated``).
 ``--sweep DIR`` also solves ``SWEEP_POINTS`` budgets of the same kind on the same tables and writes the

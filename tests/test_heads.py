@@ -1,0 +1,120 @@
+"""Class heads split by calibration reach (passes/heads.py): detection, exactness of the split, the
+parts' bands, and a size budget that gives the never-probable classes fewer bits."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+import onnxptq
+from conftest import fvi, make_model
+from onnxptq import runtime
+from onnxptq.data import load_calibration
+from onnxptq.model_io import to_ir
+from onnxptq.passes.fusion import FusionPass
+from onnxptq.passes.heads import REACH_BANDS, HeadSplitPass, class_heads
+from onnxptq.passes.verification import optimized_kernels
+from onnxptq.state import CompileOptions, CompileState
+
+CLASSES = 400
+
+
+def classifier(rng, positions: int | None = None, softmax: bool = True) -> onnx.ModelProto:
+    """x → MatMul → Relu → MatMul → Add(bias) [→ Softmax]: ``positions`` adds a sequence axis (the
+    head stays a MatMul; without it fusion makes MatMul + Add a Gemm). The bias makes classes 0–19
+    always probable, 20–39 sometimes, the rest never."""
+    bias = np.full(CLASSES, -14.0, np.float32)
+    bias[:20], bias[20:40] = 2.0, -3.5
+    inits = {"w1": (rng.standard_normal((32, 64)) / 6).astype(np.float32),
+             "wh": (rng.standard_normal((64, CLASSES)) / 8).astype(np.float32), "bh": bias}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "wh"], ["z"], name="head"),
+             helper.make_node("Add", ["z", "bh"], ["logits"], name="bias")]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=-1))
+    lead = ["N"] if positions is None else ["N", positions]
+    return make_model(nodes, [fvi("x", [*lead, 32])], [fvi("y" if softmax else "logits", [*lead, CLASSES])], inits)
+
+
+def calib(rng, positions: int | None = None, n: int = 48) -> dict[str, np.ndarray]:
+    shape = (n, 32) if positions is None else (n, positions, 32)
+    return {"x": rng.standard_normal(shape).astype(np.float32)}
+
+
+def split_state(model: onnx.ModelProto, data: dict, **options) -> CompileState:
+    state = CompileState(source=model, model=to_ir(model), options=CompileOptions(**options),
+                         calib=load_calibration(data, model, None), holdout=None)
+    FusionPass().run(state)
+    HeadSplitPass().run(state)
+    return state
+
+
+@pytest.mark.parametrize("positions, softmax", [(None, True), (3, True), (None, False)])
+def test_class_heads_are_found_through_bias_and_softmax(rng, positions, softmax):
+    # rank 2: fusion makes MatMul + Add a Gemm (logits, or into the Softmax); rank 3: MatMul → Add → Softmax
+    model, data = classifier(rng, positions, softmax), calib(rng, positions)
+    fused = split_state(model, data)  # no budget: fused, not split
+    found = class_heads(fused.model)
+    assert list(found) == ["head"] and found["head"][1] is softmax
+    nodes = {n.name for n in split_state(model, data, size_ratio=0.3).model.graph}
+    assert "head" not in nodes and {"head_part0", "head_part1", "head_part2", "head_classes"} <= nodes
+
+
+def test_a_layer_that_is_not_a_class_head_is_left_whole(rng):
+    # an embedding (no Softmax, output not a Gemm/MatMul) and a Softmax over a non-last axis
+    model = classifier(rng)
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            node.attribute[0].i = 0
+    assert class_heads(to_ir(model)) == {}
+
+
+@pytest.mark.parametrize("positions", [None, 3])
+def test_the_split_model_computes_the_same_outputs_and_parts_follow_the_bands(rng, positions):
+    model, data = classifier(rng, positions), calib(rng, positions)
+    state = split_state(model, data, size_ratio=0.3)
+    split = ir.serde.serialize_model(state.model)
+    x = rng.standard_normal((5,) + data["x"].shape[1:]).astype(np.float32)
+    ref = runtime.session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runtime.session(split).run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-7)
+    # the parts hold the columns of the classes in each band of reach, in ascending class order
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    h = np.maximum(data["x"] @ w["w1"], 0)
+    z = h @ w["wh"] + w["bh"]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    reach = (p / p.sum(-1, keepdims=True)).reshape(-1, CLASSES).max(0)
+    band = np.digitize(reach, REACH_BANDS)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in split.graph.initializer}
+    parts = [n for n in split.graph.node if n.name.startswith("head_part")]
+    assert len(parts) == len(set(band)) == 3
+    for g, node in enumerate(parts):
+        columns = np.flatnonzero(band == g)
+        if node.op_type == "Gemm":  # rank 2: MatMul + Add fused into a Gemm, the bias sliced too
+            np.testing.assert_array_equal(inits[node.input[2]], w["bh"][columns])
+        np.testing.assert_array_equal(inits[node.input[1]], w["wh"][:, columns])
+
+
+def test_no_budget_or_a_latency_budget_leaves_the_head_whole(rng):
+    for options in ({}, {"bops_ratio": 0.2}):
+        state = split_state(classifier(rng), calib(rng), **options)
+        assert "head" in {n.name for n in state.model.graph}
+
+
+def test_a_size_budget_gives_the_never_probable_classes_fewer_bits(rng, tmp_path):
+    model, data = classifier(rng), calib(rng)
+    out = tmp_path / "q.onnx"
+    result = onnxptq.compile(model, data, out, size_ratio=0.2, target="ort-cpu-size",
+                             candidates="w8a8,w4a8,w2a8")
+    choice = {l["node"]: l["choice"] for l in result.report["mixed"]["layers"]}
+    assert choice["head_part0"] == "w2a8" and choice["head_part2"] != "w2a8", choice
+    assert out.stat().st_size <= 0.2 * model.ByteSize()
+    kernels = optimized_kernels(onnx.load(out))
+    assert all(kernels[f"head_part{g}"] != "MatMul" and kernels[f"head_part{g}"] != "Gemm" for g in range(3)), kernels
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    ref, test = (runtime.session(m).run(None, {"x": x})[0] for m in (model, str(out)))
+    assert (ref.argmax(-1) == test.argmax(-1)).mean() >= 0.9
+    again = tmp_path / "again.onnx"
+    onnxptq.compile(model, data, again, size_ratio=0.2, target="ort-cpu-size", candidates="w8a8,w4a8,w2a8")
+    assert again.read_bytes() == out.read_bytes()
