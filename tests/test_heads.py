@@ -20,12 +20,12 @@ from onnxptq.state import CompileOptions, CompileState
 CLASSES = 400
 
 
-def classifier(rng, positions: int | None = None, softmax: bool = True) -> onnx.ModelProto:
+def classifier(rng, positions: int | None = None, softmax: bool = True, never: int = CLASSES - 40) -> onnx.ModelProto:
     """x → MatMul → Relu → MatMul → Add(bias) [→ Softmax]: ``positions`` adds a sequence axis (the
     head stays a MatMul; without it fusion makes MatMul + Add a Gemm). The bias makes classes 0–19
-    always probable, 20–39 sometimes, the rest never."""
-    bias = np.full(CLASSES, -14.0, np.float32)
-    bias[:20], bias[20:40] = 2.0, -3.5
+    always probable, the last ``never`` never, the others sometimes."""
+    bias = np.full(CLASSES, -1.0, np.float32)
+    bias[:20], bias[CLASSES - never:] = 2.0, -14.0
     inits = {"w1": (rng.standard_normal((32, 64)) / 6).astype(np.float32),
              "wh": (rng.standard_normal((64, CLASSES)) / 8).astype(np.float32), "bh": bias}
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
@@ -96,10 +96,12 @@ def test_the_split_model_computes_the_same_outputs_and_parts_follow_the_bands(rn
         np.testing.assert_array_equal(inits[node.input[1]], w["wh"][:, columns])
 
 
-def test_no_budget_or_a_latency_budget_leaves_the_head_whole(rng):
-    for options in ({}, {"bops_ratio": 0.2}):
-        state = split_state(classifier(rng), calib(rng), **options)
-        assert "head" in {n.name for n in state.model.graph}
+def test_no_byte_budget_or_few_never_probable_classes_leave_the_head_whole(rng):
+    for never, options in ((CLASSES - 40, {}), (CLASSES - 40, {"bops_ratio": 0.2}), (CLASSES // 3, {"size_ratio": 0.3})):
+        state = split_state(classifier(rng, never=never), calib(rng), **options)
+        assert "head" in {n.name for n in state.model.graph}, (never, options)
+    assert "head" not in {n.name for n in split_state(classifier(rng, never=CLASSES // 2 + 20), calib(rng),
+                                                          size_ratio=0.3).model.graph}
 
 
 def test_a_size_budget_gives_the_never_probable_classes_fewer_bits(rng, tmp_path):
