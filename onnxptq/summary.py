@@ -57,6 +57,10 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
         layers.add_row(op, str(bits), kernel or "?", str(n))
     console.print(layers)
     if report.get("mixed"):
+        for entry in report["passes"]:  # the parts of a split class head are rows of the program
+            if entry["name"] == "head-split":
+                for note in entry.get("notes", []):
+                    console.print(f"class head split: {note}", highlight=False)
         print_mixed(console, report["mixed"])
     console.print(outputs_table(f"Agreement with fp32 on {ver['samples']} "
                                 f"{'held-back' if ver['held_back'] else 'calibration'} samples", ver["outputs"]))

@@ -156,9 +156,10 @@ class HeadSplitPass:
             bands = [b for b in range(len(REACH_BANDS) + 1) if (band == b).any()]
             if len(bands) < 2 or (band == 0).mean() < MIN_NEVER:
                 continue
-            split_head(graph, graph.node(name), [np.flatnonzero(band == b) for b in bands])
-            state.report.note(self.name, f"{name} split by its classes' largest calibration probability r: "
-                              + ", ".join(f"{int((band == b).sum())} with {_band(b)}" for b in bands))
+            parts = split_head(graph, graph.node(name), [np.flatnonzero(band == b) for b in bands])
+            state.report.note(self.name, f"{name} → " + ", ".join(
+                f"{part} ({int((band == b).sum())} classes, {_band(b)})" for part, b in zip(parts, bands))
+                + ", r the largest probability of a class on the calibration set")
 
 
 def _band(b: int) -> str:

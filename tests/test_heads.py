@@ -10,6 +10,7 @@ from onnx import helper
 import onnxptq
 from conftest import fvi, make_model
 from onnxptq import runtime
+from onnxptq.cli import main
 from onnxptq.data import load_calibration
 from onnxptq.model_io import to_ir
 from onnxptq.passes.fusion import FusionPass
@@ -120,3 +121,14 @@ def test_a_size_budget_gives_the_never_probable_classes_fewer_bits(rng, tmp_path
     again = tmp_path / "again.onnx"
     onnxptq.compile(model, data, again, size_ratio=0.2, target="ort-cpu-size", candidates="w8a8,w4a8,w2a8")
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_the_summary_says_what_each_part_holds(rng, tmp_path, capsys):
+    model, data = classifier(rng), calib(rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **data)
+    assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--size-ratio", "0.2", "--target", "ort-cpu-size"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    never = CLASSES - 40
+    assert f"class head split: head → head_part0 ({never} classes, r < 0.001), head_part1 (" in out, out
