@@ -96,12 +96,13 @@ class BNReestimatePass:
         return [name for name, layer in state.plan.layers.items()
                 if name in chosen and layer.grid.block_size is None and give_bias(state, layer)]
 
-    def targets(self, state: CompileState, layers: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def targets(self, state: CompileState, layers: list[str], fp32: dict[str, ChannelMoments] | None = None
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per layer the (mean, std) its output is mapped to: the fp32 output's, measured on
-        ``state.calib``, or the folded BN's."""
+        ``state.calib`` (or taken from ``fp32``, measured there already), or the folded BN's."""
         if self.target == "bn":
             return {name: bn_targets(state.plan.layers[name].bn) for name in layers}
-        fp32 = fp32_moments(state, layers)
+        fp32 = fp32 or fp32_moments(state, layers)
         return {name: (fp32[name].mean, fp32[name].std) for name in layers}
 
     @staticmethod

@@ -61,12 +61,15 @@ class LayerPricer:
     def __init__(self, state: CompileState, ref: Reference, data: CalibrationSet):
         bn = next((p for p in state.corrections if isinstance(p, BNReestimatePass)), None)
         corrected = bn.layers_of(state) if bn is not None else []
-        on_data = dataclasses.replace(state, calib=data)
-        self.targets = bn.targets(on_data, corrected) if corrected else {}
         bias = any(isinstance(p, BiasCorrectionPass) for p in state.corrections)
         shifted = [name for name, layer in state.plan.layers.items()
-                   if bias and name not in self.targets and give_bias(state, layer)]
-        self.means = {name: m.mean for name, m in fp32_moments(on_data, shifted).items()} if shifted else {}
+                   if bias and name not in corrected and give_bias(state, layer)]
+        on_data = dataclasses.replace(state, calib=data)
+        # the fp32 moments both corrections need, in one run
+        measured = (list(corrected) if bn is not None and bn.target == "fp32" else []) + shifted
+        fp32 = fp32_moments(on_data, measured) if measured else {}
+        self.targets = bn.targets(on_data, corrected, fp32) if corrected else {}
+        self.means = {name: fp32[name].mean for name in shifted}
         self.state, self.ref = state, ref
 
     def probe(self, name: str) -> Probe:
