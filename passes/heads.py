@@ -7,10 +7,10 @@ it through an Add of a constant bias over the last axis and a Softmax over the l
 *reach* is the largest probability the fp32 model gives it on the calibration set,
 r_c = max over samples and positions of softmax(z)_c. A class that stays improbable never competes
 for the argmax, so the error its weight column takes barely moves the output: in PP-OCRv4's
-recognizer head (6625 classes, 30% of the weights, 82 classes with r_c ≥ 10⁻³ on English text) the
-98% of columns with the smallest reach at 2 bits and the rest at 4 leave fp32 top-1 agreement and KL
-where all-4-bit has them, while 90% chosen at random at 2 bits lose 0.006 of agreement and all at 2
-bits 0.012 (the int8-coded uniform 4-bit model, columns re-rounded to 2 bits in place).
+recognizer head (6625 classes, 30% of the weights; 82 reach r_c ≥ 10⁻³ on 64 English lines), of
+the uniform 4-bit model (int8 codes), the 98% of columns with the smallest reach re-rounded to 2 bits
+leave fp32 top-1 agreement and KL where they were (0.859, 0.463), while 90% chosen at random lose 0.015
+of agreement (KL 0.509) and all of them 0.016 (0.513) (``python -m benchmarks.head_reach ppocr_rec``).
 
 Under a byte budget (``--size-ratio``, ``--max-drop``) a head holding at least ``MIN_SHARE`` of the
 model's float parameters (PP-OCRv4's and EfficientNet-Lite0's hold 30% and 28%) whose classes fall in
