@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from onnxptq import runtime
 from onnxptq.graph import add_initializer, attr, const, consumers
@@ -55,8 +56,10 @@ MIN_NEVER = 0.5  # share of the classes that must be in the lowest band for a sp
 BYTE_BUDGETS = ("size_ratio", "max_drop")
 
 
-def _last_axis(node: ir.Node, rank: int | None) -> bool:
-    axis = attr(node, "axis", -1)
+def _last_axis(node: ir.Node, rank: int | None, opset: int) -> bool:
+    """Whether Softmax ``node`` normalizes over the last axis alone (before opset 13 its default axis is
+    1 and it normalizes over every axis from there on)."""
+    axis = attr(node, "axis", -1 if opset >= 13 else 1)
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
@@ -78,7 +81,8 @@ def class_heads(model: ir.Model) -> dict[str, tuple[str, bool]]:
         value = next(v for v in model.graph.outputs if v.name == name)
         node = value.producer()
         if normalized:  # a Softmax over the classes, after an optional bias
-            if node.op_type != "Softmax" or not _last_axis(node, value.shape.rank() if value.shape else None):
+            if node.op_type != "Softmax" or not _last_axis(node, value.shape.rank() if value.shape else None,
+                                                           model.opset_imports.get("", 1)):
                 continue
             value = node.inputs[0]
             node = value.producer()
@@ -112,14 +116,18 @@ def split_head(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray]) -> list[
     w = const(node.inputs[1])
     columns = 0 if node.op_type == "Gemm" and attr(node, "transB", 0) else 1
     bias = const(node.inputs[2]) if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    # a C broadcast along the classes (one value for all) goes whole to every part
+    sliced = bias is not None and bias.ndim >= 1 and bias.shape[-1] == w.shape[columns]
     out = node.outputs[0]
     nodes, names = [], []
     for g, index in enumerate(parts):
         inputs = [node.inputs[0], add_initializer(graph, f"{node.inputs[1].name}_part{g}",
                                                   np.ascontiguousarray(np.take(w, index, axis=columns)))]
-        if bias is not None:
+        if sliced:
             inputs.append(add_initializer(graph, f"{node.inputs[2].name}_part{g}",
                                           np.ascontiguousarray(np.take(bias, index, axis=-1))))
+        elif bias is not None:
+            inputs.append(node.inputs[2])
         part = ir.node(node.op_type, inputs, {k: a.value for k, a in node.attributes.items()}, name=f"{node.name}_part{g}")
         part.outputs[0].name = f"{out.name}_part{g}"
         part.outputs[0].type = out.type
@@ -157,6 +165,7 @@ class HeadSplitPass:
             if len(bands) < 2 or (band == 0).mean() < MIN_NEVER:
                 continue
             parts = split_head(graph, graph.node(name), [np.flatnonzero(band == b) for b in bands])
+            common.RemoveUnusedNodesPass()(state.model)  # the unsplit weight
             state.report.note(self.name, f"{name} → " + ", ".join(
                 f"{part} ({int((band == b).sum())} classes, {_band(b)})" for part, b in zip(parts, bands))
                 + ", r the largest probability of a class on the calibration set")

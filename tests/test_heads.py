@@ -132,3 +132,35 @@ def test_the_summary_says_what_each_part_holds(rng, tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     never = CLASSES - 40
     assert f"class head split: head → head_part0 ({never} classes, r < 0.001), head_part1 (" in out, out
+
+
+def test_a_softmax_before_opset_13_without_axis_is_not_over_the_classes(rng):
+    # opset 11: Softmax's default axis is 1, normalizing [N, T, C] over T·C together
+    model = classifier(rng, positions=3)
+    model.opset_import[0].version = 11
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    del softmax.attribute[:]
+    assert class_heads(to_ir(model)) == {}
+    rank2 = classifier(rng)
+    rank2.opset_import[0].version = 11
+    del next(n for n in rank2.graph.node if n.op_type == "Softmax").attribute[:]
+    assert list(class_heads(split_state(rank2, calib(rng)).model)) == ["head"], "axis 1 is the last of two"
+
+
+def test_a_gemm_bias_broadcast_over_the_classes_goes_whole_to_every_part(rng):
+    bias = np.full(CLASSES, -14.0, np.float32)
+    bias[:20] = 2.0
+    inits = {"wh": (rng.standard_normal((CLASSES, 32)) / 8).astype(np.float32), "c": np.array([0.5], np.float32),
+             "bh": bias}
+    nodes = [helper.make_node("Gemm", ["x", "wh", "c"], ["z"], name="head", transB=1),
+             helper.make_node("Add", ["z", "bh"], ["logits"], name="bias"),
+             helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=-1)]
+    model = make_model(nodes, [fvi("x", ["N", 32])], [fvi("y", ["N", CLASSES])], inits)
+    data = calib(rng)
+    state = split_state(model, data, size_ratio=0.3)
+    parts = [n for n in state.model.graph if n.name.startswith("head_part")]
+    assert len(parts) == 2 and all(p.inputs[2].name == "c" for p in parts)
+    assert "wh" not in state.model.graph.initializers, "the unsplit weight is dropped"
+    x = data["x"][:5]
+    np.testing.assert_allclose(runtime.session(ir.serde.serialize_model(state.model)).run(None, {"x": x})[0],
+                               runtime.session(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-7)
