@@ -33,8 +33,7 @@ and index only shifted the program among near-ties elsewhere: fp32 top-1 agreeme
 0.692 unsplit, KL 0.234 against 0.247).
 
 A class the calibration set never makes probable is priced as free to coarsen: the calibration set
-must hold the kinds of input the model is to see (EfficientNet-Lite0, whose eval photos show classes
-its calibration photos do not, is measured in ``benchmarks/results/results.md``).
+must hold the kinds of input the model is to see.
 """
 
 from __future__ import annotations
@@ -128,7 +127,8 @@ def split_head(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray]) -> list[
                                           np.ascontiguousarray(np.take(bias, index, axis=-1))))
         elif bias is not None:
             inputs.append(node.inputs[2])
-        part = ir.node(node.op_type, inputs, {k: a.value for k, a in node.attributes.items()}, name=f"{node.name}_part{g}")
+        part = ir.node(node.op_type, inputs, {k: a.value for k, a in node.attributes.items()},
+                       name=f"{node.name}_part{g}")
         part.outputs[0].name = f"{out.name}_part{g}"
         part.outputs[0].type = out.type
         nodes.append(part)

@@ -98,7 +98,8 @@ def test_the_split_model_computes_the_same_outputs_and_parts_follow_the_bands(rn
 
 
 def test_no_byte_budget_or_few_never_probable_classes_leave_the_head_whole(rng):
-    for never, options in ((CLASSES - 40, {}), (CLASSES - 40, {"bops_ratio": 0.2}), (CLASSES // 3, {"size_ratio": 0.3})):
+    cases = ((CLASSES - 40, {}), (CLASSES - 40, {"bops_ratio": 0.2}), (CLASSES // 3, {"size_ratio": 0.3}))
+    for never, options in cases:
         state = split_state(classifier(rng, never=never), calib(rng), **options)
         assert "head" in {n.name for n in state.model.graph}, (never, options)
     assert "head" not in {n.name for n in split_state(classifier(rng, never=CLASSES // 2 + 20), calib(rng),
