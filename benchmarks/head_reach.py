@@ -49,7 +49,7 @@ def head_and_reach(fp32: str, calib: dict) -> tuple[str, np.ndarray, np.ndarray]
 def rerounded(model: onnx.ModelProto, node: str, weight: np.ndarray, columns: np.ndarray, bits: int
               ) -> onnx.ModelProto:
     """``model`` with the head's int8 codes and scales of ``columns`` re-rounded to ``bits``."""
-    from onnxptq.kernels.quant import channel_rows, row_scales, symmetric_qmax
+    from onnxptq.kernels.quant import channel_rows, quantize, row_scales, symmetric_qmax
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -62,8 +62,7 @@ def rerounded(model: onnx.ModelProto, node: str, weight: np.ndarray, columns: np
     qmax = symmetric_qmax(bits)
     rows = channel_rows(weight, axis)[columns]  # [columns, K]
     s = row_scales(rows, qmax, "mse").astype(scale.dtype)
-    q = np.clip(np.rint(rows / s[:, None]), -qmax, qmax).astype(np.int8)
-    np.moveaxis(codes, axis, 0)[columns] = q
+    np.moveaxis(codes, axis, 0)[columns] = quantize(rows, s[:, None], 0, -qmax, qmax)
     scale[columns] = s
     for name, array in zip(dq.input[:2], (codes, scale)):
         inits[name].CopyFrom(numpy_helper.from_array(array, name))

@@ -118,7 +118,7 @@ def split_head(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray]) -> list[
     # a C broadcast along the classes (one value for all) goes whole to every part
     sliced = bias is not None and bias.ndim >= 1 and bias.shape[-1] == w.shape[columns]
     out = node.outputs[0]
-    nodes, names = [], []
+    nodes = []
     for g, index in enumerate(parts):
         inputs = [node.inputs[0], add_initializer(graph, f"{node.inputs[1].name}_part{g}",
                                                   np.ascontiguousarray(np.take(w, index, axis=columns)))]
@@ -132,14 +132,13 @@ def split_head(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray]) -> list[
         part.outputs[0].name = f"{out.name}_part{g}"
         part.outputs[0].type = out.type
         nodes.append(part)
-        names.append(part.name)
     order = np.concatenate(parts)
     concat = ir.node("Concat", [p.outputs[0] for p in nodes], {"axis": -1}, name=f"{node.name}_joined")
     concat.outputs[0].name, concat.outputs[0].type = f"{out.name}_joined", out.type
     inverse = add_initializer(graph, f"{node.name}_class_order", np.argsort(order).astype(np.int32))
     gather = ir.node("Gather", [concat.outputs[0], inverse], {"axis": -1}, name=f"{node.name}_classes")
     ir.convenience.replace_nodes_and_values(graph, node, [node], [*nodes, concat, gather], [out], gather.outputs)
-    return names
+    return [part.name for part in nodes]
 
 
 class HeadSplitPass:
