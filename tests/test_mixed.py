@@ -64,13 +64,19 @@ def test_program_matches_brute_force(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_a_uniform_choice_demoted_to_fit_matches_brute_force_over_its_candidates(seed):
-    """``demoted`` from uniform w4a8: every layer at w4a8, w4a4 or w2a8 (no more weight or input bits;
-    w8a8 and float are closed to it; the table row offers its 4-bit width in w4a4's column only), the
-    least Σ ΔL within the limit — the brute force over those columns alone; None below the least total."""
+@pytest.mark.parametrize("name, layer_columns, table_columns", [
+    ("demoted", [1, 2, 3], [2, 3]),  # no more weight or input bits: w4a8, w4a4, w2a8 (never float)
+    ("promoted", [0, 1, 4], [0, 2]),  # no fewer: w8a8, w4a8, float (a table: 8 or 4 weight bits)
+])
+def test_a_uniform_choice_demoted_or_promoted_matches_brute_force_over_its_candidates(seed, name, layer_columns,
+                                                                                        table_columns):
+    """``demoted`` / ``promoted`` from uniform w4a8: every layer at a candidate with no more / no fewer
+    weight and input bits than w4a8 (float counting as more; the table row offers its 4-bit width in
+    w4a4's column only and has no input), the least Σ ΔL within the limit — the brute force over those
+    columns alone; None below the least total."""
     from types import SimpleNamespace
 
-    from onnxptq.passes.mixed import demoted
+    from onnxptq.passes import mixed
     from onnxptq.plan import TablePlan
 
     rng = np.random.default_rng(seed)
@@ -85,11 +91,11 @@ def test_a_uniform_choice_demoted_to_fit_matches_brute_force_over_its_candidates
     t = SimpleNamespace(candidates=candidates, loss=f, cost=g, unavailable=unavailable,
                         layers=[SimpleNamespace()] * 4 + [table], tied=lambda: ([], []))
     open_ = np.full((5, 5), np.nan)
-    open_[:4, 1:4] = 0.0
-    open_[4, [2, 3]] = 0.0
+    open_[:4, layer_columns] = 0.0
+    open_[4, table_columns] = 0.0
     least = np.nansum(np.nanmin(g + open_, axis=1))
     for limit in (least - 1, least, least + 300, g.sum()):
-        choice = demoted(t, 1, limit)
+        choice = getattr(mixed, name)(t, 1, limit)
         want = brute_force(f + open_, g + open_, limit)
         if want is None:
             assert choice is None
@@ -721,9 +727,9 @@ def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_th
                                  holdout=0)
         report = result.report["mixed"]
         contenders = {c["choice"]: c["measured_loss"] for c in report["contenders"]}
-        assert contenders.keys() - {"uniform w8a8 demoted to fit"} == {"program", "uniform w4a8", "uniform w3a8",
-                                                                       "uniform w2a8"}, \
-            "8 bits do not fit (demoted to fit, measured where that is not the program's choice)"
+        near = {"uniform w8a8 demoted to fit", "uniform w4a8 promoted within the budget"}
+        assert contenders.keys() - near == {"program", "uniform w4a8", "uniform w3a8", "uniform w2a8"}, \
+            "8 bits do not fit (demoted to fit and promoted, measured where not the program's choice)"
         written = runtime.session(str(tmp_path / "q.onnx")).run(None, calib)[0]
         assert mean_kl(fp32, written, False) == pytest.approx(min(contenders.values()), rel=1e-5)
     assert contenders["program"] > contenders["uniform w4a8"]
