@@ -318,7 +318,7 @@ def _near_uniform(t: Tables, column: int, limit: float, fewer: bool) -> np.ndarr
     top = t.candidates[column]
 
     def within(bits: int | None, mark: int) -> bool:
-        return bits is not None and bits <= mark if fewer else bits is None or bits >= mark
+        return (bits is not None and bits <= mark) if fewer else (bits is None or bits >= mark)
 
     weights = np.array([within(c.w_bits, top.w_bits) for c in t.candidates])
     inputs = np.array([within(c.a_bits, top.a_bits) for c in t.candidates])

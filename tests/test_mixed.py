@@ -736,6 +736,31 @@ def test_the_choice_is_the_nearest_fp32_of_the_program_and_the_uniform_models_th
     assert [l["choice"] for l in report["layers"]] == ["w4a8"] * 3
 
 
+def test_the_dearest_uniform_model_that_fits_is_promoted_within_the_budget_and_measured(mlp_data, tmp_path,
+                                                                                       monkeypatch):
+    """Under a size budget with room above uniform 4-bit but not 8-bit, the program over w4a8 and the candidates with
+    more bits (w3a8 and w2a8 closed) is measured beside a program that proposes a poor mix: its layers
+    are at 4 bits or more, it costs more than uniform 4-bit and no more than the budget, and the file
+    written is the nearest fp32 of the contenders."""
+    from onnxptq.passes import mixed
+
+    model, calib = mlp_data
+    real = mixed.allocate
+
+    def propose(f, g, limit, tied, columns):  # poor wherever 2 bits are open: every program but the promoted
+        return np.array([3, 3, 0]) if np.isfinite(f[:, 3]).any() else real(f, g, limit, tied, columns)
+
+    monkeypatch.setattr(mixed, "allocate", propose)
+    result = onnxptq.compile(model, calib, tmp_path / "q.onnx", size_ratio=0.25, target="ort-cpu-size", holdout=0)
+    contenders = {c["choice"]: c for c in result.report["mixed"]["contenders"]}
+    up = contenders["uniform w4a8 promoted within the budget"]
+    assert contenders["uniform w4a8"]["counted"] < up["counted"] <= 0.25 * result.report["mixed"]["fp32_bytes"]
+    fp32 = runtime.session(model).run(None, calib)[0]
+    written = runtime.session(str(tmp_path / "q.onnx")).run(None, calib)[0]
+    assert mean_kl(fp32, written, False) == pytest.approx(min(c["measured_loss"] for c in contenders.values()),
+                                                          rel=1e-5)
+
+
 def test_a_bitsplit_candidate_that_moves_the_outputs_more_is_priced_and_emitted_as_round_to_nearest(
         rng, harmful_bitsplit):
     """With ``--weight-solver bitsplit`` each written candidate is priced beside its round-to-nearest copy
