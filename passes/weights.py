@@ -1,10 +1,11 @@
 """Weight grids by round-to-nearest: the per-channel (or per-block) scale of every planned layer.
 
-``minmax`` takes s_c = max|W_c| / qmax; ``mse`` searches s_c = r·max|W_c|/qmax, r ∈ [0.5, 1], for the
-least ‖W_c − ŵ_c‖². Scales are then floored so the int32 bias stays representable, and on targets whose
-kernels sum u8×s8 products in saturating int16 pairs (``ort-cpu-avx2``) raised to the least value whose
-codes are pair-safe (``kernels/saturation.py``). Both only raise s_c. Later solvers (AdaQuant, BitSplit)
-start from these grids.
+``minmax`` takes s_c = max|W_c| / qmax; ``mse`` searches s_c = r·max|W_c|/qmax, r ∈ [0.5, 1] from 4 bits
+up and [0.1, 1] at 2 and 3 bits (``kernels.quant.clip_floor``), for the least ‖W_c − ŵ_c‖². Scales are
+then floored so the int32 bias stays representable, and on targets whose kernels sum u8×s8 products in
+saturating int16 pairs (``ort-cpu-avx2``) raised to the least value whose codes are pair-safe
+(``kernels/saturation.py``). Both only raise s_c. Later solvers (AdaQuant, BitSplit) start from these
+grids.
 """
 
 from __future__ import annotations
