@@ -16,8 +16,10 @@ minimizes the response error of every channel independently,
 
     f_c(α_c, B) = ‖y_c − X w_c‖² = ‖y_c‖² − 2·b_cᵀw_c + w_cᵀ A_g w_c,
 
-1. **init** — the better (in f_c) of round-to-nearest on the given grid and the weight-space fixed
-   point q = clip(rint(w/α), −Q, Q), α = ⟨w, q⟩/⟨q, q⟩ started from that grid;
+1. **starts** — round-to-nearest on the given grid, and the weight-space fixed point
+   q = clip(rint(w/α), −Q, Q), α = ⟨w, q⟩/⟨q, q⟩ started from that grid and from the min-max grid
+   α = max|w|/Q (the given grid's clip can sit deep in the channel at 2–3 bits, ``kernels.quant.clip_floor``,
+   and the descent below ends in the local optimum of its start);
 2. **α step** — α_c in closed form given the codes: with Q_c = [K, nb] the codes spread over their
    blocks, α_c = argmin f_c = (Q_cᵀ A Q_c)⁺ Q_cᵀ b_c (per channel, nb = 1: α = qᵀb / qᵀAq); a
    negative α flips the block's planes instead (same w);
@@ -26,8 +28,9 @@ minimizes the response error of every channel independently,
    δ changes f_c by 2·δ·t·r_k + δ²·t²·A_kk, so the entry takes the best of {−1, 0, 1} (staying put
    unless that strictly lowers f_c) and r is updated by δ·t·A[:, k];
 
-repeating 2–3 until the total objective decreases by less than ``tol`` (relative) or ``max_iter``
-iterations. No step can increase f_c, so the result is never worse than round-to-nearest. All
+repeating 2–3 from each start until the total objective decreases by less than ``tol`` (relative) or
+``max_iter`` iterations, and keeping for each channel the run that ends lowest (f_c depends on channel
+c's codes and scales alone). No step can increase f_c, so the result is never worse than round-to-nearest. All
 channels are updated at once (vectorized over c), one input entry k at a time.
 """
 
@@ -202,16 +205,28 @@ def solve(stats: ResponseStats, w: np.ndarray, bits: int, scale: np.ndarray, blo
         stats = _padded(stats, pad)
         w = np.pad(w, [(0, 0), (0, pad)])
     rows = _blocks(w, block).reshape(c * nb, block)
-    rtn_codes = quantize(rows, scale0.reshape(-1, 1), 0, -qmax, qmax).reshape(c, -1)
-    fit_codes, fit_alpha = fit_scales(rows, scale0.reshape(-1), qmax)
-    rtn = _Problem(stats, split_planes(rtn_codes, bits), scale0.copy(), bits, block)
-    fit = _Problem(stats, split_planes(fit_codes.reshape(c, -1), bits), fit_alpha.reshape(c, nb), bits, block)
-    rtn_objective = rtn.f.copy()
-    use_fit = fit.f < rtn.f
-    fit.planes[:, ~use_fit] = rtn.planes[:, ~use_fit]
-    fit.alpha[~use_fit] = rtn.alpha[~use_fit]
-    problem = fit
+    rtn_codes = quantize(rows, scale0.reshape(-1, 1), 0, -qmax, qmax)
+    peak = np.abs(rows).max(axis=1)
+    minmax = np.where(peak > 0, peak / qmax, scale0.reshape(-1))  # an all-zero row keeps its grid
+    starts = [(rtn_codes, scale0.reshape(-1).copy())] + [fit_scales(rows, s, qmax) for s in (scale0.reshape(-1), minmax)]
+    runs = [_Problem(stats, split_planes(codes.reshape(c, -1), bits), alpha.reshape(c, nb), bits, block)
+            for codes, alpha in starts]
+    rtn_objective = runs[0].f.copy()
+    histories, iterations = zip(*(_descend(run, bits, max_iter, tol) for run in runs))
+    best = np.argmin(np.stack([run.f for run in runs]), axis=0)  # per channel: the channels are independent
+    problem = runs[0]
+    for i, run in enumerate(runs[1:], 1):
+        problem.planes[:, best == i] = run.planes[:, best == i]
+        problem.alpha[best == i] = run.alpha[best == i]
     problem.refresh()
+    history = min(histories, key=lambda h: h[0]) + [float(problem.f.sum())]
+    return BitSplitResult(codes=problem.codes[:, :k], scale=problem.alpha, rtn=rtn_objective,
+                          objective=problem.f, history=history, iterations=sum(iterations))
+
+
+def _descend(problem: _Problem, bits: int, max_iter: int, tol: float) -> tuple[list[float], int]:
+    """Steps 2–3 from ``problem``'s start until the total objective falls by less than ``tol``
+    (relative) in a round, or ``max_iter`` rounds; (the totals after the start and every step, rounds)."""
     history = [float(problem.f.sum())]
     iterations = 0
     while iterations < max_iter:
@@ -224,9 +239,7 @@ def solve(stats: ResponseStats, w: np.ndarray, bits: int, scale: np.ndarray, blo
             history.append(float(problem.f.sum()))
         if start - history[-1] <= tol * abs(start):
             break
-    problem.refresh()
-    return BitSplitResult(codes=problem.codes[:, :k], scale=problem.alpha, rtn=rtn_objective,
-                          objective=problem.f, history=history, iterations=iterations)
+    return history, iterations
 
 
 def _padded(stats: ResponseStats, pad: int) -> ResponseStats:

@@ -14,9 +14,9 @@ from onnxptq.capture import response_stats
 from onnxptq.cli import main
 from onnxptq.data import load_calibration
 from onnxptq.errors import InputError
-from onnxptq.kernels.bitsplit import solve, split_planes, stitch
+from onnxptq.kernels.bitsplit import _descend, _Problem, fit_scales, solve, split_planes, stitch
 from onnxptq.kernels.im2col import channels_last_rows, conv_output_shape, conv_pads, im2col
-from onnxptq.kernels.quant import channel_rows, fake_quantize, row_scales
+from onnxptq.kernels.quant import channel_rows, fake_quantize, quantize, row_scales
 from onnxptq.kernels.response import ResponseStats
 from onnxptq.model_io import to_ir
 from onnxptq.passes.bitsplit import BitSplitPass, layer_statistics
@@ -469,3 +469,23 @@ def test_a_fit_put_back_is_solved_again_at_other_ridge_strengths(rng, monkeypatc
             assert (row["kept"], row["reverted"]) == (False, True)
     assert kept > 0
     assert (result.model.graph.SerializeToString() == rtn.graph.SerializeToString()) == (kept == 0)
+
+
+def test_each_channel_keeps_the_best_of_its_starts(rng):
+    """Handed a grid clipped deep into every channel (r = 0.3 of max|w|, as the 2-bit MSE search can
+    pick), each channel ends at the best of the descents from round-to-nearest on that grid and from
+    the weight-space fixed points of that grid and of the min-max grid — and those descents do end
+    apart, so no single start would do."""
+    stats, w, _, _ = layer_problem(rng, 16, 20, n=200, noise=0.5)
+    deep = 0.3 * np.abs(w).max(axis=1, keepdims=True)
+    result = solve(stats, w, 2, deep)
+    rtn = quantize(w, deep, 0, -1, 1)
+    starts = [(rtn, deep[:, 0])] + [fit_scales(w, s, 1) for s in (deep[:, 0], np.abs(w).max(axis=1))]
+    ends = []
+    for codes, alpha in starts:
+        run = _Problem(stats, split_planes(codes, 2), alpha.reshape(-1, 1).copy(), 2, 20)
+        _descend(run, 2, 30, 1e-5)
+        ends.append(run.f)
+    ends = np.stack(ends)
+    np.testing.assert_allclose(result.objective, ends.min(axis=0), rtol=1e-12)
+    assert (ends.min(axis=0) < ends[np.argmin(ends.sum(axis=1))] * (1 - 1e-9)).any(), "the starts never differ"
