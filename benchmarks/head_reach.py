@@ -29,26 +29,42 @@ from benchmarks.run import CALIB_SAMPLES
 HEADED = ("ppocr_rec", "efficientnet_lite0")
 
 
-def head_and_reach(fp32: str, calib: dict) -> tuple[str, np.ndarray, np.ndarray]:
-    """The fused fp32 model's class head: its node name, its float weight and each class's reach."""
+def fused(fp32: str, calib: dict):
+    """The compile state of the fp32 model after fusion (the layers as the compiler plans them)."""
     from onnxptq.data import load_calibration
-    from onnxptq.graph import const
     from onnxptq.model_io import load_model, to_ir
     from onnxptq.passes.fusion import FusionPass
-    from onnxptq.passes.heads import class_heads, reach
     from onnxptq.state import CompileOptions, CompileState
 
     model = load_model(fp32)
     state = CompileState(source=model, model=to_ir(model), options=CompileOptions(),
                          calib=load_calibration(calib, model, None), holdout=None)
     FusionPass().run(state)
+    return state
+
+
+def head_and_reach(fp32: str, calib: dict) -> tuple[str, np.ndarray, np.ndarray]:
+    """The fused fp32 model's class head: its node name, its float weight and each class's reach."""
+    from onnxptq.graph import const
+    from onnxptq.passes.heads import class_heads, reach
+
+    state = fused(fp32, calib)
     (name, (output, normalized)), = class_heads(state.model).items()
     return name, const(state.model.graph.node(name).inputs[1]), reach(state, [output], [normalized])[0]
 
 
+def uniform_w4(fp32: str, calib: dict, path: Path) -> onnx.ModelProto:
+    """Every layer at 4 bits with int8 codes (``--target ort-cpu``), written to ``path`` and loaded."""
+    import onnxptq
+
+    onnxptq.compile(fp32, calib, path, w_bits=4, target="ort-cpu", first_last_8bit=False)
+    return onnx.load(path)
+
+
 def rerounded(model: onnx.ModelProto, node: str, weight: np.ndarray, columns: np.ndarray, bits: int
               ) -> onnx.ModelProto:
-    """``model`` with the head's int8 codes and scales of ``columns`` re-rounded to ``bits``."""
+    """``model`` with the int8 codes and scales of output channels ``columns`` of layer ``node`` re-rounded
+    to ``bits``."""
     from onnxptq.kernels.quant import channel_rows, quantize, row_scales, symmetric_qmax
 
     out = onnx.ModelProto()
@@ -62,7 +78,8 @@ def rerounded(model: onnx.ModelProto, node: str, weight: np.ndarray, columns: np
     qmax = symmetric_qmax(bits)
     rows = channel_rows(weight, axis)[columns]  # [columns, K]
     s = row_scales(rows, qmax, "mse").astype(scale.dtype)
-    np.moveaxis(codes, axis, 0)[columns] = quantize(rows, s[:, None], 0, -qmax, qmax)
+    picked = np.moveaxis(codes, axis, 0)  # a view: [channels, …] (a Conv's kernel stays behind the axis)
+    picked[columns] = quantize(rows, s[:, None], 0, -qmax, qmax).reshape(picked[columns].shape)
     scale[columns] = s
     for name, array in zip(dq.input[:2], (codes, scale)):
         inits[name].CopyFrom(numpy_helper.from_array(array, name))
@@ -70,7 +87,6 @@ def rerounded(model: onnx.ModelProto, node: str, weight: np.ndarray, columns: np
 
 
 def main() -> None:
-    import onnxptq
     from examples.common import run_model
     from onnxptq.model_io import load_model, to_ir
     from onnxptq.passes.sensitivity import float_outputs
@@ -90,9 +106,7 @@ def main() -> None:
     names = [o.name for o in load_model(fp32).graph.output]
     ref = run_model(fp32, inputs)[names.index(output)]
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "w4.onnx"
-        onnxptq.compile(fp32, calib, base, w_bits=4, target="ort-cpu", first_last_8bit=False)
-        model = onnx.load(base)
+        model = uniform_w4(fp32, calib, Path(tmp) / "w4.onnx")
         orders = {"reach": np.argsort(r, kind="stable"), "random": np.random.default_rng(0).permutation(len(r))}
         runs = [("none", 0.0, model)] + [(order, f, rerounded(model, node, weight, np.sort(columns[:round(f * len(r))]),
                                                              args.bits))
