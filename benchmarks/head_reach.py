@@ -29,6 +29,39 @@ from benchmarks.run import CALIB_SAMPLES
 HEADED = ("ppocr_rec", "efficientnet_lite0")
 
 
+class Scoring:
+    """An example's fp32 model, the table's calibration samples and the eval inputs, and a build's
+    distance to fp32 on the graph output the compiler compares (``float_outputs``), sample by sample
+    (``benchmarks.paired.per_sample``: KL or 1 − cosine, and top-1 agreement)."""
+
+    def __init__(self, example: str):
+        from onnxptq.model_io import load_model, to_ir
+        from onnxptq.passes.sensitivity import float_outputs
+
+        ex = importlib.import_module(f"examples.{example}.example")
+        self.fp32 = str(ex.fp32_model())
+        self.calib = ex.calibration_set(CALIB_SAMPLES)
+        self.inputs, _ = ex.eval_set()
+        model = load_model(self.fp32)
+        (output,), (self.normalized,) = float_outputs(to_ir(model))
+        self.index = [o.name for o in model.graph.output].index(output)
+
+    def reference(self, feeds: dict) -> np.ndarray:
+        """The fp32 model's scored output on ``feeds``."""
+        from examples.common import run_model
+
+        return run_model(self.fp32, feeds)[self.index]
+
+    def distance(self, model: onnx.ModelProto, path: Path, feeds: dict, ref: np.ndarray
+                 ) -> tuple[float, float | None]:
+        """(mean distance, mean top-1 agreement or None) of ``model`` (saved to ``path``) against ``ref``."""
+        from examples.common import run_model
+
+        onnx.save(model, path)
+        d, agree = per_sample(ref, run_model(path, feeds)[self.index], self.normalized)
+        return float(d.mean()), None if agree is None else float(agree.mean())
+
+
 def fused(fp32: str, calib: dict):
     """The compile state of the fp32 model after fusion (the layers as the compiler plans them)."""
     from onnxptq.data import load_calibration
@@ -87,37 +120,25 @@ def rerounded(model: onnx.ModelProto, node: str, weight: np.ndarray, columns: np
 
 
 def main() -> None:
-    from examples.common import run_model
-    from onnxptq.model_io import load_model, to_ir
-    from onnxptq.passes.sensitivity import float_outputs
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("example", choices=HEADED)
     parser.add_argument("--bits", type=int, default=2, choices=(2, 3))
     parser.add_argument("--fractions", default="0.9,0.98,1.0")
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
-    ex = importlib.import_module(f"examples.{args.example}.example")
-    fp32 = str(ex.fp32_model())
-    calib = ex.calibration_set(CALIB_SAMPLES)
-    node, weight, r = head_and_reach(fp32, calib)
-    inputs, _ = ex.eval_set()
-    (output,), (normalized,) = float_outputs(to_ir(load_model(fp32)))
-    names = [o.name for o in load_model(fp32).graph.output]
-    ref = run_model(fp32, inputs)[names.index(output)]
+    scoring = Scoring(args.example)
+    node, weight, r = head_and_reach(scoring.fp32, scoring.calib)
+    ref = scoring.reference(scoring.inputs)
     with tempfile.TemporaryDirectory() as tmp:
-        model = uniform_w4(fp32, calib, Path(tmp) / "w4.onnx")
+        model = uniform_w4(scoring.fp32, scoring.calib, Path(tmp) / "w4.onnx")
         orders = {"reach": np.argsort(r, kind="stable"), "random": np.random.default_rng(0).permutation(len(r))}
         runs = [("none", 0.0, model)] + [(order, f, rerounded(model, node, weight, np.sort(columns[:round(f * len(r))]),
                                                              args.bits))
                                          for f in fractions for order, columns in orders.items()]
         for order, fraction, m in runs:
-            path = Path(tmp) / "m.onnx"
-            onnx.save(m, path)
-            kl, agree = per_sample(ref, run_model(path, inputs)[names.index(output)], normalized)
+            kl, agree = scoring.distance(m, Path(tmp) / "m.onnx", scoring.inputs, ref)
             print(json.dumps({"example": args.example, "head": node, "classes": len(r), "bits": args.bits,
-                              "order": order, "fraction": fraction, "top1_agreement": float(agree.mean()),
-                              "mean_kl": float(kl.mean())}))
+                              "order": order, "fraction": fraction, "top1_agreement": agree, "mean_kl": kl}))
 
 
 if __name__ == "__main__":
