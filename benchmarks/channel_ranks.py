@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.head_reach import Scoring, fused, rerounded, uniform_w4
+from benchmarks.run import EXAMPLES
 
 
 def main() -> None:
     from onnxptq.graph import const
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("example")
+    parser.add_argument("example", choices=EXAMPLES)
     parser.add_argument("--bits", type=int, default=3, choices=(2, 3))
     parser.add_argument("--fractions", default="0.12,0.3,0.5,0.75,1.0")
     args = parser.parse_args()
