@@ -139,6 +139,10 @@ def cli() -> None:
               "w8a8,w8a4,w4a4,float.")
 @click.option("--sweep", type=click.Path(file_okay=False), default=None, help="Mixed precision: also solve a range "
               "of budgets of the same kind and write the Pareto curve (pareto.md, pareto.png) to this folder.")
+@click.option("--short-names/--keep-names", default=True, show_default=True,
+              help="--target ort-cpu-size: write the values (all but the graph's inputs and outputs) under short names "
+              "and name only the quantized nodes, bytes a size budget can give the weights; --keep-names keeps the "
+              "source's names.")
 @click.option("--pass-effects/--no-pass-effects", default=True, show_default=True,
               help="Measure agreement with fp32 on the held-back samples after every pass that changes the model "
               "(one emission and one run of those samples per pass).")
@@ -146,7 +150,7 @@ def cli() -> None:
 def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
                 exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
                 pipeline, size_ratio, bops_ratio, latency_ratio, latency_table, max_drop, candidates, sweep,
-                pass_effects, image_size, resize, mean, std, layout, scale) -> None:
+                short_names, pass_effects, image_size, resize, mean, std, layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
     import onnxptq
     from onnxptq.model_io import check_output_path
@@ -165,7 +169,8 @@ def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_met
         weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
         holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit,
         size_ratio=size_ratio, bops_ratio=bops_ratio, latency_ratio=latency_ratio, latency_table=latency_table,
-        max_drop=max_drop, candidates=candidates, sweep=sweep, pass_effects=pass_effects)
+        max_drop=max_drop, candidates=candidates, sweep=sweep, short_names=short_names,
+        pass_effects=pass_effects)
     _write_json(result.report, json_path)
     if not quiet:
         print_compile(Console(), result.report, output)

@@ -44,6 +44,7 @@ class CompileOptions:
     latency_table: str | None = None  # JSON file of per-layer latencies (onnxptq/latency_table.py)
     candidates: str = "w8a8,w4a8,w3a8,w2a8,float"
     sweep: str | None = None  # a folder: also solve a range of budgets, write pareto.md and pareto.png there
+    short_names: bool = True  # goal size: values under short names (onnxptq/short_names.py)
     pass_effects: bool = True  # agreement with fp32 after every pass that changed the model (onnxptq/effects.py)
 
     def to_dict(self) -> dict[str, Any]:

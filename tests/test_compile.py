@@ -130,7 +130,7 @@ def test_matmul_w8_and_w4(rng, tmp_path):
     assert k8["mm1"] == "QLinearMatMul" and k8["bias1"] == "QLinearAdd"
     assert k8["mm2"] == "MatMulIntegerToFloat", "a graph-output MatMul keeps a float output"
     r4 = onnxptq.compile(model, calib, tmp_path / "q4.onnx", w_bits=4, block_size=32, target="ort-cpu-size",
-                         first_last_8bit=False)
+                         first_last_8bit=False, short_names=False)
     q4 = onnx.load(tmp_path / "q4.onnx")
     codes = next(i for i in q4.graph.initializer if i.name == "w1_quantized")
     assert codes.data_type == onnx.TensorProto.INT4

@@ -201,7 +201,7 @@ def test_bias_correction_reaches_float_biases_of_int4_layers(bn_model):
     """MatMulNBits layers keep a float bias: emission writes the plan's corrected value."""
     model, x = bn_model
     result = onnxptq.compile(model, {"x": x}, w_bits=4, pipeline="bias-correction", target="ort-cpu-size",
-                             first_last_8bit=False)
+                             first_last_8bit=False, short_names=False)
     biases = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     source = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert biases["bf"].dtype == np.float32 and not np.array_equal(biases["bf"], source["bf"])

@@ -26,7 +26,7 @@ def test_storage_bytes_match_the_emitted_initializers(rng, which, target, w_bits
     model = cnn(rng) if which == "cnn" else mlp(rng)
     shape = (20, 3, 16, 16) if which == "cnn" else (20, 5, 64)
     result = onnxptq.compile(model, {"x": rng.standard_normal(shape).astype(np.float32)}, w_bits=w_bits,
-                             target=target, first_last_8bit=False, pipeline="calibration")
+                             target=target, first_last_8bit=False, pipeline="calibration", short_names=False)
     encodings = {row["encoding"] for row in result.report["layers"]}
     expected = {("ort-cpu-avx2", 8): {"int8"}, ("ort-cpu", 4): {"int8"}, ("generic-qdq", 4): {"int4-qdq"},
                 ("ort-cpu-size", 4): {"int4-cast", "int4-blocks"} if which == "cnn" else {"int4-blocks"},

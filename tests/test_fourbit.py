@@ -132,7 +132,8 @@ def test_size_target_stores_int4_and_keeps_integer_kernels(rng, tmp_path):
     layer still runs on QLinearConv; the file is smaller than the speed build's."""
     (tmp_path / "speed").mkdir()
     _, speed, _, _ = compile_a4(np.random.default_rng(1), "signed", tmp_path / "speed", a_bits=8)
-    _, small, result, _ = compile_a4(np.random.default_rng(1), "signed", tmp_path, a_bits=8, target="ort-cpu-size")
+    _, small, result, _ = compile_a4(np.random.default_rng(1), "signed", tmp_path, a_bits=8, target="ort-cpu-size",
+                                   short_names=False)
     stored = {i.name: i.data_type for i in small.graph.initializer}
     assert stored["w2_quantized"] == onnx.TensorProto.INT4
     kernels = optimized_kernels(small)
@@ -170,7 +171,7 @@ def test_cli_a4_and_targets(cnn_files, tmp_path, capsys):
     model, calib = cnn_files
     out = tmp_path / "q.onnx"
     assert main(["compile", str(model), "--calib", str(calib), "-o", str(out), "--w-bits", "4", "--a-bits", "4",
-                 "--target", "ort-cpu-size", "--no-first-last-8bit", "-q"]) == 0
+                 "--target", "ort-cpu-size", "--no-first-last-8bit", "--keep-names", "-q"]) == 0
     q = onnx.load(out)
     assert {i.name: i.data_type for i in q.graph.initializer}["w2_quantized"] == onnx.TensorProto.INT4
     assert any(n.name.endswith("_cap") for n in q.graph.node)

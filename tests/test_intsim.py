@@ -171,7 +171,7 @@ def test_matmulnbits_is_blockwise_int8_up_to_float_summation(rng):
                        [fvi("y", ["N", n])], {"w": (rng.standard_normal((k, n)) * 0.1).astype(np.float32)})
     x = (rng.standard_normal((64, k)) * np.exp(rng.standard_normal((1, k)))).astype(np.float32)
     q = onnxptq.compile(model, {"x": x[:48]}, target="ort-cpu-size", w_bits=4, first_last_8bit=False,
-                        pipeline="calibration", block_size=block).model
+                        pipeline="calibration", block_size=block, short_names=False).model
     assert optimized_kernels(q)["mm"] == "MatMulNBits"
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     w_codes, w_scale = inits["w_quantized"].astype(np.int64), inits["w_scale"]

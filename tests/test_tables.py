@@ -107,7 +107,7 @@ def test_mixed_precision_keeps_tables_quantized_and_packs_them_when_the_budget_n
     fp32_table = numpy_helper.to_array(model.graph.initializer[0])
     for size_ratio, width in ((0.34, 8), (budget, bits)):
         path, out, result = compile_ids(model, rng, tmp_path, size_ratio=size_ratio, target="ort-cpu-size",
-                                        candidates=candidates)
+                                        candidates=candidates, short_names=False)
         assert out.stat().st_size <= size_ratio * path.stat().st_size
         q = onnx.load(out)
         inits = {i.name: i for i in q.graph.initializer}
