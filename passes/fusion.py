@@ -9,9 +9,11 @@
 4. A rank-2 MatMul with a constant weight followed by an Add of a constant [N] bias becomes a Gemm:
    onnxruntime would otherwise fuse the pair into a float Gemm (MatMulAddFusion) before its QDQ
    fusions see them, and the layer would run in float; as a Gemm it runs on QGemm with an int32 bias.
-5. Range-bounding activations are noted: Relu bounds its output to [0, ∞), Clip to [min, max];
+5. A softmax spelled out in elementary ops (ReduceMax, Sub, Exp, ReduceSum, Div) becomes one Softmax
+   node (``passes/softmax.py``), so the output is seen as class probabilities.
+6. Range-bounding activations are noted: Relu bounds its output to [0, ∞), Clip to [min, max];
    calibration clips the grid to that bound, which also lets onnxruntime drop the op.
-6. Every node and value gets a unique name (verification maps planned layers to fused kernels by
+7. Every node and value gets a unique name (verification maps planned layers to fused kernels by
    node name) and shapes/types are inferred.
 """
 
@@ -24,6 +26,7 @@ import onnxscript.optimizer
 
 from onnxptq.graph import add_initializer, attr, const, consumers, set_const
 from onnxptq.plan import FoldedBN
+from onnxptq.passes.softmax import fuse_softmax
 from onnxptq.state import CompileState
 
 FOLDABLE = {"Conv", "ConvTranspose", "Gemm"}
@@ -144,6 +147,9 @@ class FusionPass:
         common.ShapeInferencePass()(model)
         gemms = sum(_gemm_from_matmul_add(graph, node) for node in list(graph)
                     if node.op_type == "MatMul" and node.domain == "")
+        softmaxes = fuse_softmax(graph, model.opset_imports.get("", 1))
+        if softmaxes:
+            common.RemoveUnusedNodesPass()(model)  # the spelled-out ops
         folded = 0
         for node in list(graph):
             if node.op_type == "BatchNormalization" and node.domain == "":
@@ -156,4 +162,5 @@ class FusionPass:
         common.TopologicalSortPass()(model)
         left = sum(1 for n in graph if n.op_type == "BatchNormalization")
         state.report.note(self.name, f"{folded} BatchNormalization folded" + (f", {left} left as nodes" if left else "")
-                          + (f", {gemms} MatMul+Add rewritten as Gemm" if gemms else ""))
+                          + (f", {gemms} MatMul+Add rewritten as Gemm" if gemms else "")
+                          + (f", {softmaxes} spelled-out softmax written as Softmax" if softmaxes else ""))

@@ -3,7 +3,8 @@ give the classes the data never makes probable fewer bits than the ones it does.
 
 A *class head* is a weighted layer (Gemm, or MatMul with a constant 2-D weight) whose output channel c
 is class c of a graph output of class scores: the layer's output is the output (logits), or reaches
-it through an Add of a constant bias over the last axis and a Softmax over the last axis. Class c's
+it through an Add of a constant bias over the last axis and a Softmax over the last axis (one spelled
+out in elementary ops, as magika's, is one Softmax after fusion: ``passes/softmax.py``). Class c's
 *reach* is the largest probability the fp32 model gives it on the calibration set,
 r_c = max over samples and positions of softmax(z)_c. A class that stays improbable never competes
 for the argmax, so the error its weight column takes barely moves the output: in PP-OCRv4's

@@ -1,7 +1,7 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from conftest import cnn, fvi, make_model
 from onnxptq.model_io import to_ir
@@ -77,3 +77,44 @@ def test_constants_lifted_and_bounds_noted(rng):
     feed = {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
     np.testing.assert_allclose(outputs(ir.serde.serialize_model(state.model), feed)[0],
                                outputs(model, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def spelled_softmax(rng, sum_axis=1, exp_output=False):
+    """Gemm → softmax over the classes written as jax2tf writes it (magika): row max bounded by a
+    constant, broadcast back by Reshape + Expand, Exp, row sum, Div."""
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {"w": n(7, 5), "b": n(5), "lo": np.float32(-1e30), "col": np.array([-1, 1], np.int64),
+             "one": np.array([1, 1], np.int64), "ax": np.array([sum_axis], np.int64)}
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="fc"),
+             helper.make_node("ReduceMax", ["z"], ["m0"], axes=[1], keepdims=0),
+             helper.make_node("Max", ["lo", "m0"], ["m1"]),
+             helper.make_node("Reshape", ["m1", "col"], ["m2"]),
+             helper.make_node("Expand", ["m2", "one"], ["m"]),
+             helper.make_node("Sub", ["z", "m"], ["d"]),
+             helper.make_node("Exp", ["d"], ["e"]),
+             helper.make_node("ReduceSum", ["e", "ax"], ["s0"], keepdims=0),
+             helper.make_node("Reshape", ["s0", "col"], ["s1"]),
+             helper.make_node("Expand", ["s1", "one"], ["s"]),
+             helper.make_node("Div", ["e", "s"], ["y"], name="div")]
+    outputs_ = [fvi("y", ["N", 5])] + ([fvi("e", ["N", 5])] if exp_output else [])
+    return make_model(nodes, [fvi("x", ["N", 7])], outputs_, inits)
+
+
+def test_a_spelled_out_softmax_becomes_one_softmax(rng):
+    model = spelled_softmax(rng)
+    state = fuse(model)
+    assert [n.op_type for n in state.model.graph] == ["Gemm", "Softmax"]
+    assert [v.name for v in state.model.graph.outputs] == ["y"]
+    x = rng.standard_normal((6, 7)).astype(np.float32) * 4
+    z = x.astype(np.float64) @ numpy_helper.to_array(model.graph.initializer[0]) + \
+        numpy_helper.to_array(model.graph.initializer[1])
+    want = np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+    got = outputs(ir.serde.serialize_model(state.model), {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got, outputs(model, {"x": x})[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("change", ["sum over the batch", "exp also an output"])
+def test_what_is_not_a_softmax_over_the_classes_stays(rng, change):
+    model = spelled_softmax(rng, sum_axis=0) if change == "sum over the batch" else spelled_softmax(rng, exp_output=True)
+    assert "Softmax" not in [n.op_type for n in fuse(model).model.graph]

@@ -173,3 +173,26 @@ def test_ppocr_head_is_split_by_class_reach_and_computes_the_same(tmp_path):
     inputs = {k: v[:16] for k, v in ex.eval_set()[0].items()}
     np.testing.assert_allclose(run_model(tmp_path / "split.onnx", inputs)[0], run_model(ex.fp32_model(), inputs)[0],
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_magika_softmax_is_fused_and_its_head_split_by_class_reach(tmp_path):
+    """magika spells its softmax out (ReduceMax, Max, Reshape, Expand, Sub, Exp, ReduceSum, …, Div):
+    fusion writes it as one Softmax, so its 214-class head is seen and split under a size budget (the
+    52 + 12 calibration files make 40 classes probable, 55 marginal, 119 never: measured); the fused,
+    split model's outputs are the fp32 model's."""
+    ex = importlib.import_module("examples.magika.example")
+    model = onnx.load(ex.fp32_model())
+    state = CompileState(source=model, model=to_ir(model), options=CompileOptions(size_ratio=0.13),
+                         calib=load_calibration(ex.calibration_set(64), model, None), holdout=None)
+    FusionPass().run(state)
+    ops = [n.op_type for n in state.model.graph]
+    assert ops[-1] == "Softmax" and "Exp" not in ops and "ReduceMax" not in ops
+    HeadSplitPass().run(state)
+    sizes = [const(n.inputs[1]).shape[1] for n in state.model.graph if n.name.endswith(tuple(f"_part{g}" for g in range(3)))]
+    assert len(sizes) == 3 and sum(sizes) == 214 and sizes[0] > 90, sizes
+    onnx.save(ir.serde.serialize_model(state.model), tmp_path / "split.onnx")
+    inputs = {k: v[:64] for k, v in ex.eval_set()[0].items()}
+    np.testing.assert_allclose(run_model(tmp_path / "split.onnx", inputs)[0], run_model(ex.fp32_model(), inputs)[0],
+                               rtol=1e-4, atol=1e-6)
