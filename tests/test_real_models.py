@@ -154,6 +154,26 @@ def test_real_model_bitsplit_beats_round_to_nearest_w3a8(tmp_path):
     assert agreement["bitsplit"] > agreement["rtn"], agreement
 
 
+def _fused_and_split(ex) -> tuple[list[str], CompileState]:
+    """The example's fp32 model through fusion (the op types it leaves) and the head split, under a
+    0.13× size budget, calibrated on the table's 64 samples."""
+    model = onnx.load(ex.fp32_model())
+    state = CompileState(source=model, model=to_ir(model), options=CompileOptions(size_ratio=0.13),
+                         calib=load_calibration(ex.calibration_set(64), model, None), holdout=None)
+    FusionPass().run(state)
+    ops = [n.op_type for n in state.model.graph]
+    HeadSplitPass().run(state)
+    return ops, state
+
+
+def _assert_fp32_outputs(ex, state: CompileState, samples: int, tmp_path) -> None:
+    """The state's model computes the fp32 model's first output on the first ``samples`` eval inputs."""
+    onnx.save(ir.serde.serialize_model(state.model), tmp_path / "split.onnx")
+    inputs = {k: v[:samples] for k, v in ex.eval_set()[0].items()}
+    np.testing.assert_allclose(run_model(tmp_path / "split.onnx", inputs)[0], run_model(ex.fp32_model(), inputs)[0],
+                               rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_ppocr_head_is_split_by_class_reach_and_computes_the_same(tmp_path):
@@ -161,18 +181,11 @@ def test_ppocr_head_is_split_by_class_reach_and_computes_the_same(tmp_path):
     classes probable (r ≥ 0.1), about 40 marginal and the rest never (r < 10⁻³, measured 6545); the
     split model's outputs are the fp32 model's."""
     ex = importlib.import_module("examples.ppocr_rec.example")
-    model = onnx.load(ex.fp32_model())
-    state = CompileState(source=model, model=to_ir(model), options=CompileOptions(size_ratio=0.13),
-                         calib=load_calibration(ex.calibration_set(64), model, None), holdout=None)
-    FusionPass().run(state)
-    HeadSplitPass().run(state)
+    _, state = _fused_and_split(ex)
     parts = [n for n in state.model.graph if n.name.startswith("p2o.MatMul.24_part")]
     sizes = [const(p.inputs[1]).shape[1] for p in parts]
     assert len(sizes) == 3 and sum(sizes) == 6625 and sizes[0] > 6400 and max(sizes[1:]) < 150, sizes
-    onnx.save(ir.serde.serialize_model(state.model), tmp_path / "split.onnx")
-    inputs = {k: v[:16] for k, v in ex.eval_set()[0].items()}
-    np.testing.assert_allclose(run_model(tmp_path / "split.onnx", inputs)[0], run_model(ex.fp32_model(), inputs)[0],
-                               rtol=1e-4, atol=1e-6)
+    _assert_fp32_outputs(ex, state, 16, tmp_path)
 
 
 @pytest.mark.slow
@@ -183,16 +196,8 @@ def test_magika_softmax_is_fused_and_its_head_split_by_class_reach(tmp_path):
     52 + 12 calibration files make 40 classes probable, 55 marginal, 119 never: measured); the fused,
     split model's outputs are the fp32 model's."""
     ex = importlib.import_module("examples.magika.example")
-    model = onnx.load(ex.fp32_model())
-    state = CompileState(source=model, model=to_ir(model), options=CompileOptions(size_ratio=0.13),
-                         calib=load_calibration(ex.calibration_set(64), model, None), holdout=None)
-    FusionPass().run(state)
-    ops = [n.op_type for n in state.model.graph]
+    ops, state = _fused_and_split(ex)
     assert ops[-1] == "Softmax" and "Exp" not in ops and "ReduceMax" not in ops
-    HeadSplitPass().run(state)
     sizes = [const(n.inputs[1]).shape[1] for n in state.model.graph if n.name.endswith(tuple(f"_part{g}" for g in range(3)))]
     assert len(sizes) == 3 and sum(sizes) == 214 and sizes[0] > 90, sizes
-    onnx.save(ir.serde.serialize_model(state.model), tmp_path / "split.onnx")
-    inputs = {k: v[:64] for k, v in ex.eval_set()[0].items()}
-    np.testing.assert_allclose(run_model(tmp_path / "split.onnx", inputs)[0], run_model(ex.fp32_model(), inputs)[0],
-                               rtol=1e-4, atol=1e-6)
+    _assert_fp32_outputs(ex, state, 64, tmp_path)
