@@ -5,8 +5,9 @@ emission derives its names from the source's (``<tensor>_quantized``, ``<tensor>
 write long paths: in magika's 0.13× file (374 kB) the names of nodes and values took 35 kB, nine
 hundredths of the budget, bytes the weights could have had. Under goal ``size`` the compile therefore
 writes every value that is not a graph input or output as ``_`` and its index in base 36 (in order of
-first appearance, so the same model gives the same names), and keeps node names only for the planned
-layers: verification finds their kernels by name, and the report names them. Everything else about
+first appearance, so the same model gives the same names), and keeps node names only for the nodes
+the plan quantizes (its layers and ops): verification finds their kernels by name, and the report
+names them. Everything else about
 the model is unchanged; a graph with a subgraph attribute (If, Loop, Scan), whose body may name outer
 values, is left as it is.
 """
