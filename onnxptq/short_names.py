@@ -14,18 +14,8 @@ values, is left as it is.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _base36(n: int) -> str:
-    s = ""
-    while True:
-        n, r = divmod(n, 36)
-        s = _DIGITS[r] + s
-        if n == 0:
-            return s
 
 
 def shorten_names(model: onnx.ModelProto, keep_nodes: set[str]) -> None:
@@ -41,7 +31,7 @@ def shorten_names(model: onnx.ModelProto, keep_nodes: set[str]) -> None:
         if name in kept:
             return name
         if name not in names:
-            new = "_" + _base36(len(names))
+            new = "_" + np.base_repr(len(names), 36).lower()
             while new in kept:  # a graph input or output already spelled like a short name
                 new += "_"
             names[name] = new
