@@ -59,7 +59,8 @@ _STAGES = (
 
 # Crop plan for the unlabeled photos: (side as a fraction of the shorter image side, grid size per
 # axis). 1 + 4 + 9 + 16 = 30 square crops per photo, each also flipped horizontally: 60 samples.
-_CROP_PLAN = ((1.0, 1), (0.8, 2), (0.6, 3), (0.45, 4))
+CropPlan = tuple[tuple[float, int], ...]
+_CROP_PLAN: CropPlan = ((1.0, 1), (0.8, 2), (0.6, 3), (0.45, 4))
 _EVAL_PHOTOS = ("astronaut", "coffee", "chelsea", "china")
 # The ImageNet photos' crops skip the smallest scale: 28 per photo keep the eval set's float32 inputs
 # near 0.5 GB (each photo adds one independent source; more crops of it add little).
@@ -365,17 +366,12 @@ def preprocess(image: Image.Image) -> np.ndarray:
     return _normalize(np.asarray(image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))))
 
 
-def _imagenet_files() -> list[Path]:
-    """The 20 foolbox ImageNet JPEGs (``imagenet_NN_LABEL.jpg``), in name order."""
-    return sorted((fetch_pypi(*_IMAGES_PKG) / "foolbox" / "data").glob("imagenet_*.jpg"))
-
-
-def _labelled_images() -> tuple[np.ndarray, np.ndarray]:
-    """The 20 foolbox ImageNet JPEGs, preprocessed, and their labels."""
-    files = _imagenet_files()
-    x = np.stack([preprocess(Image.open(f)) for f in files])
-    labels = np.array([int(f.stem.rsplit("_", 1)[1]) for f in files], dtype=np.int64)
-    return x, labels
+def _imagenet_photos() -> tuple[list[Image.Image], np.ndarray]:
+    """The 20 foolbox ImageNet JPEGs (``imagenet_NN_LABEL.jpg``, in name order) as RGB images, and
+    their labels."""
+    files = sorted((fetch_pypi(*_IMAGES_PKG) / "foolbox" / "data").glob("imagenet_*.jpg"))
+    photos = [Image.open(f).convert("RGB") for f in files]
+    return photos, np.array([int(f.stem.rsplit("_", 1)[1]) for f in files], dtype=np.int64)
 
 
 def _photo(name: str) -> np.ndarray:
@@ -398,7 +394,7 @@ def _offsets(free: int, n: int) -> list[int]:
     return [int(round(v)) for v in np.linspace(0, free, n)]
 
 
-def _crops(photo: np.ndarray, plan: tuple[tuple[float, int], ...] = _CROP_PLAN) -> list[np.ndarray]:
+def _crops(photo: np.ndarray, plan: CropPlan = _CROP_PLAN) -> list[np.ndarray]:
     """Square crops of ``photo`` at the ``plan``'s scales and positions, each plus its mirror."""
     h, w = photo.shape[:2]
     out: list[np.ndarray] = []
@@ -413,7 +409,7 @@ def _crops(photo: np.ndarray, plan: tuple[tuple[float, int], ...] = _CROP_PLAN) 
     return out
 
 
-def _photo_crops(photos: list[np.ndarray], plan: tuple[tuple[float, int], ...] = _CROP_PLAN) -> np.ndarray:
+def _photo_crops(photos: list[np.ndarray], plan: CropPlan = _CROP_PLAN) -> np.ndarray:
     """All crops of ``photos`` (HWC uint8), stacked ``[M, 3, 224, 224]``."""
     return np.stack([c for photo in photos for c in _crops(photo, plan)])
 
@@ -426,9 +422,9 @@ def eval_set() -> tuple[dict[str, np.ndarray], np.ndarray]:
     together, so agreement counts photos more than crops: on the four photos alone (the eval set
     before session 19) two builds of equal mean KL differed by whole photos' worth of crops, and the
     20 ImageNet photos, in the model's own domain, give five times as many independent sources."""
-    x, labels = _labelled_images()
-    imagenet = [np.asarray(Image.open(f).convert("RGB")) for f in _imagenet_files()]
-    crops = np.concatenate([_photo_crops(imagenet, _IMAGENET_CROP_PLAN),
+    photos, labels = _imagenet_photos()
+    x = np.stack([preprocess(photo) for photo in photos])
+    crops = np.concatenate([_photo_crops([np.asarray(photo) for photo in photos], _IMAGENET_CROP_PLAN),
                             _photo_crops([_photo(n) for n in _EVAL_PHOTOS])])
     return ({"input": np.concatenate([x, crops])},
             np.concatenate([labels, np.full(len(crops), -1, dtype=np.int64)]))
