@@ -98,6 +98,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, calib: Any, output: str 
                          corrections=[p for p in passes if p.name in pipelines.CORRECTIONS])
     state.report.model = model_summary(source, path)
     state.report.options = opts.to_dict()
+    state.report.warnings.extend(pipelines.order_warnings(passes))
     run_passes(state, passes, PassEffects() if opts.pass_effects else None)
     state.report.model["quantized_bytes"] = state.output.ByteSize()
     state.report.model["size_ratio"] = round(state.output.ByteSize() / max(source.ByteSize(), 1), 4)

@@ -8,21 +8,24 @@ encoding       initializers                                                    b
 =============  ==============================================================  =====================
 ``fp32``       float weight and bias                                           4n + 4C
 ``int8``       int8 codes (any width ≤ 8 bits), f32 scale + int8 zero point    n + 5C + 8C
-               per channel; int32 bias with its f32 scale (no zero point: 0)
-``int4-cast``  int4 codes packed two per byte, Cast to int8 at load (goal      ⌈n/2⌉ + 5C + 8C
-               ``size``, Conv); otherwise as ``int8``
-``int2-cast``  int2 codes packed four per byte, Cast to int8 at load (goal     ⌈n/4⌉ + 5C + 8C
-               ``size``, 2-bit codes of any layer); otherwise as ``int8``
-``int3-cast``  3-bit codes eight per three bytes and the int64 shape, unpacked  3⌈n/8⌉ + 8r + 5C + 8C
-               to int8 at load (``onnxptq/int3.py``; goal ``size``, 3-bit codes
-               of any layer, r the weight's rank); otherwise as ``int8``
+               per channel; int32 bias with its f32 scale (no zero point: 0);
+               goal ``size``: f16 scale, no zero point (a Gemm's int8), the     n + 2C + 4C + 4
+               bias step the product of the stored s_w and a scalar s_x        (Gemm: + C)
+``int4-cast``  int4 codes packed two per byte, Cast to int8 at load (goal      ⌈n/2⌉ + 2C + 4C + 4
+               ``size``, Conv; scales and bias as ``int8`` under ``size``)
+``int2-cast``  int2 codes packed four per byte, Cast to int8 at load (goal     ⌈n/4⌉ + 2C + 4C + 4
+               ``size``, 2-bit codes of any layer)
+``int3-cast``  3-bit codes eight per three bytes and the int64 shape, unpacked  3⌈n/8⌉ + 8r + 2C +
+               to int8 at load (``onnxptq/int3.py``; goal ``size``, 3-bit codes  4C + 4
+               of any layer, r the weight's rank)
 ``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 8C
 ``int4-blocks``int4 codes in blocks of B along K, one f16 scale per block and  ⌈n/2⌉ + 2·⌈K/B⌉·C + 4C
                column (f32 if one is outside f16's normal range), float bias
                (MatMulNBits)
 =============  ==============================================================  =====================
 
-(the bias terms only when the layer has a bias). ``layer_latency`` measures what a layer costs in
+(the bias terms only when the layer has a bias; under goal ``size`` a scale is 4 bytes where one of
+the layer's is outside float16's normal range). ``layer_latency`` measures what a layer costs in
 each encoding on this host: the layer alone, cut out of the fused fp32 graph, emitted by the same
 ``emission.emit_model`` as a compile, run by onnxruntime at ORT_ENABLE_ALL on one thread on its
 real input (one calibration sample), every encoding timed interleaved (``onnxptq.latency``).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -43,7 +47,7 @@ from onnxptq import int3, runtime
 from onnxptq.kernels.quant import block_rows, channel_rows, row_scales, symmetric_qmax
 from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
-from onnxptq.passes.emission import emit_model
+from onnxptq.passes.emission import emit_model, half_scales, weight_zero_point
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan, WeightGrid
 from onnxptq.state import CompileState
@@ -53,24 +57,31 @@ _BLOCKED_OPS = ("MatMul", "Gemm")
 SHARED_BYTES = {"int3-cast": int3.function(21).ByteSize()}  # model-local function, one copy per file
 
 
-def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bias: bool, block_size: int = 32) -> int:
-    """Bytes a layer's weight (and bias) occupy in the model file under ``encoding`` (table above)."""
+class Compact(NamedTuple):
+    """Goal ``size``'s per-channel layout (``emission``): bytes of one scale (2, float16; 4 where one
+    is outside its normal range) and of one weight zero point (0: none; 1 for a Gemm)."""
+
+    scale: int
+    zero_point: int
+
+
+def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bias: bool, block_size: int = 32,
+                  compact: Compact | None = None) -> int:
+    """Bytes a layer's weight (and bias) occupy in the model file under ``encoding`` (table above);
+    ``compact`` for the per-channel encodings of goal ``size``."""
     n = int(np.prod(weight_shape))
     c, k = channels, n // channels
     packed = -(-n // 2)
-    int_bias = 8 * c if bias else 0
     if encoding == "fp32":
         return 4 * n + (4 * c if bias else 0)
-    if encoding in ("int8", "int8-a4"):
-        return n + 5 * c + int_bias
-    if encoding == "int4-cast":
-        return packed + 5 * c + int_bias
-    if encoding == "int2-cast":
-        return -(-n // 4) + 5 * c + int_bias
-    if encoding == "int3-cast":
-        return 3 * -(-n // 8) + 8 * len(weight_shape) + 5 * c + int_bias
+    codes = {"int8": n, "int8-a4": n, "int4-cast": packed, "int2-cast": -(-n // 4),
+             "int3-cast": 3 * -(-n // 8) + 8 * len(weight_shape)}
+    if encoding in codes:
+        if compact is not None:
+            return codes[encoding] + (compact.scale + compact.zero_point) * c + ((4 * c + 4) if bias else 0)
+        return codes[encoding] + 5 * c + (8 * c if bias else 0)
     if encoding == "int4-qdq":
-        return packed + 4 * c + -(-c // 2) + int_bias
+        return packed + 4 * c + -(-c // 2) + (8 * c if bias else 0)
     if encoding == "int4-blocks":
         return packed + 2 * -(-k // block_size) * c + (4 * c if bias else 0)
     raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
@@ -100,8 +111,12 @@ def layer_storage_bytes(layer: LayerPlan | TablePlan, goal: str, encoding: str |
     encoding = encoding or _planned_encoding(layer, goal)
     if isinstance(layer, TablePlan):
         return storage_bytes(encoding, layer.table.shape, layer.table.shape[1], False)
+    compact = None
+    if goal == "size" and encoding not in ("fp32", "int4-blocks", "int4-qdq"):
+        zero_point = weight_zero_point(layer, goal)
+        compact = Compact(half_scales(layer.grid.scale).itemsize, 0 if zero_point is None else 1)
     return storage_bytes(encoding, layer.weight.shape, layer.channels, layer.bias is not None,
-                         layer.grid.block_size or 32)
+                         layer.grid.block_size or 32, compact)
 
 
 def counted_bytes(layer: LayerPlan | TablePlan, goal: str) -> int:

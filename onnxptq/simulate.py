@@ -112,14 +112,26 @@ class QDQGraph:
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
 
+    def folded(self, name: str) -> np.ndarray:
+        """A constant value as onnxruntime folds it at load: an initializer, or a Cast or Mul of
+        constants (the float16 scales and the bias steps s_x·s_w of goal ``size``). A float32 Mul is
+        one IEEE product in numpy as in onnxruntime."""
+        p = self.producer.get(name)
+        if p is not None and p.op_type == "Cast":
+            to = next(a.i for a in p.attribute if a.name == "to")
+            return self.folded(p.input[0]).astype(helper.tensor_dtype_to_np_dtype(to))
+        if p is not None and p.op_type == "Mul":
+            return self.folded(p.input[0]) * self.folded(p.input[1])
+        return self.array(name)
+
     def dq(self, value: str) -> _DQ | None:
-        """The DequantizeLinear producing ``value`` (with a constant scale and zero point, 0 where it
-        has none — the int32 biases; not blocked)."""
+        """The DequantizeLinear producing ``value`` (with a constant scale, ``folded``, and zero point,
+        0 where it has none — the int32 biases, goal ``size``'s weights; not blocked)."""
         p = self.producer.get(value)
         if p is None or p.op_type != "DequantizeLinear" or any(a.name == "block_size" and a.i for a in p.attribute):
             return None
         axis = next((a.i for a in p.attribute if a.name == "axis"), 1)
-        scale = self.array(p.input[1])
+        scale = self.folded(p.input[1])
         zero = self.array(p.input[2]) if len(p.input) > 2 and p.input[2] else np.zeros(scale.shape, np.int64)
         return _DQ(p.input[0], scale, zero, axis)
 

@@ -186,6 +186,24 @@ def test_specs_build_pass_lists():
     assert pipelines.build("light", PIPELINE)[at].layers == "hidden"
 
 
+@pytest.mark.parametrize("spec, warned", [
+    ("advanced", []), ("light", []), ("adaquant,bn-reestimate,bias-correction", []),
+    ("adaquant,bias-correction", ["bias-correction"]), ("adaquant,bias-tuning", ["bias-tuning"]),
+    ("bn-reestimate,adaquant,bias-correction", ["bias-correction"]),
+    ("bias-correction,adaquant", []),
+])
+def test_bias_correction_after_adaquant_without_bn_reestimation_is_warned(spec, warned):
+    warnings = pipelines.order_warnings(pipelines.build(spec, PIPELINE))
+    assert [w.split()[1] for w in warnings] == warned
+    assert all("follows adaquant" in w and "\n" not in w for w in warnings)
+
+
+def test_the_order_warning_reaches_the_report(bn_model):
+    result = onnxptq.compile(bn_model[0], {"x": bn_model[1]}, pipeline="adaquant:iterations=2,bias-correction",
+                             target="ort-cpu-avx2")
+    assert [w for w in result.report["warnings"] if w.startswith("pipeline: bias-correction follows adaquant")]
+
+
 @pytest.mark.parametrize("spec", ["light", "calibration", "bias-correction", "bn-reestimate", "bn-reestimate,bias-tuning"])
 def test_compile_with_each_pipeline(bn_model, spec):
     result = onnxptq.compile(bn_model[0], {"x": bn_model[1]}, pipeline=spec, target="ort-cpu-avx2")
@@ -193,6 +211,7 @@ def test_compile_with_each_pipeline(bn_model, spec):
     assert ("bias-correction" in ran) == ("bias" in spec or spec == "light")
     assert ("bn-reestimate" in ran) == ("bn" in spec or spec == "light")
     assert result.report["options"]["pipeline"] == spec
+    assert not [w for w in result.report["warnings"] if w.startswith("pipeline:")]
     assert result.report["verification"]["coverage"] == 1.0
     assert result.report["verification"]["outputs"]["y"]["sqnr_db"] > 30
 

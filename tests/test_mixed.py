@@ -207,18 +207,20 @@ def planned(model, calib, bits=None, **options) -> CompileState:
 
 def payload(model: onnx.ModelProto, node_name: str) -> int:
     """Bytes of the initializers behind a node's weight and bias in an emitted model (through their
-    DQ, and the Cast or function that unpacks int4/int2/int3 codes)."""
+    DQ, the Cast or function that unpacks int4/int2/int3 codes, and the Cast and Mul of goal size's
+    scales), each counted once (the bias step of goal size is computed from the weight's scale)."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
 
-    def behind(name: str) -> int:
+    def behind(name: str) -> set[str]:
         if name in inits:
-            t = inits[name]
-            return len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
-        return sum(behind(i) for i in producers[name].input) if name in producers else 0
+            return {name}
+        return set().union(*(behind(i) for i in producers[name].input)) if name in producers else set()
 
     node = next(n for n in model.graph.node if n.name == node_name)
-    return sum(behind(name) for name in node.input[1:])
+    names = set().union(*(behind(name) for name in node.input[1:]))
+    return sum(len(inits[n].raw_data) if inits[n].HasField("raw_data") else numpy_helper.to_array(inits[n]).nbytes
+               for n in names)
 
 
 @pytest.mark.parametrize("bits, target", [({}, "ort-cpu-avx2"), ({"mm1": 4, "conv": 2, "fc": 4}, "ort-cpu-avx2"),
