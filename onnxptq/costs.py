@@ -47,7 +47,7 @@ from onnxptq import int3, runtime
 from onnxptq.kernels.quant import block_rows, channel_rows, row_scales, symmetric_qmax
 from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
-from onnxptq.passes.emission import emit_model, half_scales, weight_zero_point
+from onnxptq.passes.emission import emit_model, stored_scale, weight_zero_point
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan, WeightGrid
 from onnxptq.state import CompileState
@@ -114,7 +114,7 @@ def layer_storage_bytes(layer: LayerPlan | TablePlan, goal: str, encoding: str |
     compact = None
     if goal == "size" and encoding not in ("fp32", "int4-blocks", "int4-qdq"):
         zero_point = weight_zero_point(layer, goal)
-        compact = Compact(half_scales(layer.grid.scale).itemsize, 0 if zero_point is None else 1)
+        compact = Compact(stored_scale(layer, goal).itemsize, 0 if zero_point is None else zero_point.itemsize)
     return storage_bytes(encoding, layer.weight.shape, layer.channels, layer.bias is not None,
                          layer.grid.block_size or 32, compact)
 

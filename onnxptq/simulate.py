@@ -112,17 +112,22 @@ class QDQGraph:
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
 
-    def folded(self, name: str) -> np.ndarray:
-        """A constant value as onnxruntime folds it at load: an initializer, or a Cast or Mul of
-        constants (the float16 scales and the bias steps s_x·s_w of goal ``size``). A float32 Mul is
-        one IEEE product in numpy as in onnxruntime."""
+    def folded(self, name: str) -> np.ndarray | None:
+        """A constant value as onnxruntime folds it at load, or None if it is not one: an initializer,
+        or a Cast or Mul of constants (unpacked int4/int2 codes, goal ``size``'s float16 scales and bias
+        steps s_x·s_w), or int3 codes behind their unpacking function. A float32 Mul is one IEEE product
+        in numpy as in onnxruntime."""
         p = self.producer.get(name)
-        if p is not None and p.op_type == "Cast":
-            to = next(a.i for a in p.attribute if a.name == "to")
-            return self.folded(p.input[0]).astype(helper.tensor_dtype_to_np_dtype(to))
-        if p is not None and p.op_type == "Mul":
-            return self.folded(p.input[0]) * self.folded(p.input[1])
-        return self.array(name)
+        if p is None:
+            return self.array(name) if name in self.inits else None
+        if p.op_type == int3.FUNCTION and p.domain == int3.DOMAIN:
+            return int3.unpack(self.array(p.input[0]), tuple(self.array(p.input[1])))
+        args = [self.folded(i) for i in p.input]
+        if any(a is None for a in args):
+            return None
+        if p.op_type == "Cast":
+            return args[0].astype(helper.tensor_dtype_to_np_dtype(next(a.i for a in p.attribute if a.name == "to")))
+        return args[0] * args[1] if p.op_type == "Mul" else None
 
     def dq(self, value: str) -> _DQ | None:
         """The DequantizeLinear producing ``value`` (with a constant scale, ``folded``, and zero point,
@@ -132,18 +137,16 @@ class QDQGraph:
             return None
         axis = next((a.i for a in p.attribute if a.name == "axis"), 1)
         scale = self.folded(p.input[1])
+        if scale is None:
+            return None
         zero = self.array(p.input[2]) if len(p.input) > 2 and p.input[2] else np.zeros(scale.shape, np.int64)
         return _DQ(p.input[0], scale, zero, axis)
 
     def constant(self, value: str) -> np.ndarray | None:
-        """An integer initializer (behind the Cast that unpacks int4 and int2 at load, or the function
-        that unpacks int3), as int64."""
-        p = self.producer.get(value)
-        if p is not None and p.op_type == int3.FUNCTION and p.domain == int3.DOMAIN:
-            return int3.unpack(self.array(p.input[0]), tuple(self.array(p.input[1]))).astype(np.int64)
-        if p is not None and p.op_type == "Cast":
-            value = p.input[0]
-        return self.array(value).astype(np.int64) if value in self.inits else None
+        """An integer constant (``folded``: behind the Cast that unpacks int4 and int2 at load, or the
+        function that unpacks int3), as int64."""
+        folded = self.folded(value)
+        return None if folded is None else folded.astype(np.int64)
 
     def users(self, value: str) -> list[onnx.NodeProto]:
         return [n for n in self.nodes if value in n.input]

@@ -280,7 +280,7 @@ def _emit_layer(w: _Writer, node: ir.Node, layer: LayerPlan, plan: QuantPlan) ->
         weight = w.dq(layer.weight_name, codes.astype(ml_dtypes.int4), s_w, np.zeros(len(s_w), ml_dtypes.int4),
                       axis=grid.axis)
     else:  # goal size stores the same codes compactly (module doc)
-        weight = w.dq(layer.weight_name, codes.astype(np.int8), half_scales(s_w) if plan.goal == "size" else s_w,
+        weight = w.dq(layer.weight_name, codes.astype(np.int8), stored_scale(layer, plan.goal),
                       weight_zero_point(layer, plan.goal), axis=grid.axis,
                       packed=grid.storage if grid.storage != "int8" else None)
     node.replace_input_with(1, weight)
@@ -315,16 +315,16 @@ def weight_zero_point(layer: LayerPlan, goal: str) -> np.ndarray | None:
 
 
 def stored_scale(layer: LayerPlan, goal: str) -> np.ndarray:
-    """A per-channel grid's scales as the emitted file holds them, as float32: under goal ``size``
-    rounded to float16 where ``half_scales`` stores them so (the codes are the plan's either way)."""
+    """A per-channel grid's scales as the emitted file holds them: under goal ``size`` float16 where
+    ``half_scales`` stores them so, else float32 (the codes are the plan's either way)."""
     s = layer.grid.scale.astype(np.float32)
-    return half_scales(s).astype(np.float32) if goal == "size" else s
+    return half_scales(s) if goal == "size" else s
 
 
 def int32_bias(layer: LayerPlan, plan: QuantPlan) -> tuple[np.ndarray, np.ndarray]:
     """(codes, step) of the int32 bias emission writes for ``layer`` (a per-channel grid, quantized
     input): step s_b = s_x·s_w,c, codes clip(rint(b/s_b)) to int32 — the bias the integer kernel adds."""
-    s_b = (plan.act_params(layer.input_name)[0] * stored_scale(layer, plan.goal)).astype(np.float32)
+    s_b = (plan.act_params(layer.input_name)[0] * stored_scale(layer, plan.goal).astype(np.float32)).astype(np.float32)
     return np.clip(np.rint(layer.bias / s_b), INT32.min, INT32.max).astype(np.int32), s_b
 
 
