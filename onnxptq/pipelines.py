@@ -19,8 +19,11 @@ grids and emission, in the order given:
   0.947 (0.943), MiniLM cosine 0.767 (0.340), PP-OCR 0.447 / CER 0.759 (0.428 / 0.846), EfficientNet-Lite0
   0.465 (0.550; label top-1 0.80 vs 0.65, mean KL 0.706 vs 0.739);
 * a spec: comma-separated pass names, each optionally followed by ``:key=value`` options, e.g.
-  ``bn-reestimate:target=bn,bias-correction``. Core pass names may be listed (they always run
+  ``bn-reestimate:target=bn,bias-correction:keep=always``. Core pass names may be listed (they always run
   in place), so ``calibration`` alone is the pipeline without corrections.
+
+BN re-estimation and bias correction are each kept only where they bring the model's outputs nearer
+fp32 on the calibration set (``passes/kept.py``; ``keep=always`` keeps them regardless).
 
 Order matters after AdaQuant. Its least-squares fits leave each layer's output with a smaller spread
 than fp32's (σ_q/σ_fp32 ≈ 0.9 per channel on EfficientNet-Lite0 at W4A8) and means that make up for it

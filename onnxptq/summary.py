@@ -66,6 +66,10 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
                                 f"{'held-back' if ver['held_back'] else 'calibration'} samples", ver["outputs"]))
     if report.get("effects"):
         console.print(effects_table(report["effects"]))
+    for entry in report["passes"]:  # a correction put back is the one pass effect the table cannot show
+        for note in entry.get("notes", []):
+            if note.startswith("not kept"):
+                console.print(f"{entry['name']} {note}", highlight=False)
     passes = ", ".join(f"{p['name']} {p.get('seconds', 0):.1f}s" for p in report["passes"])
     if ver["coverage"] is None:
         console.print(f"fusion coverage not applicable for target {model.get('target')} (plain QDQ)")

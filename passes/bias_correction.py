@@ -12,15 +12,20 @@ output would not be). A mean of differences is the difference of means, so the f
 once and only the quantized model is re-run, in depth order (``layer_moments.in_depth_order``).
 
 Conv and Gemm without a bias get a zero one in the working graph first; MatMul has no bias input and
-is left as is.
+is left as is. The correction is kept only if it brings the model's outputs nearer fp32 on the
+calibration set (``passes/kept.py``; ``keep=always`` keeps it regardless).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from onnxptq.graph import attr, set_const
 from onnxptq.kernels.moments import ChannelMoments
+from onnxptq.passes.kept import check_keep, kept_if_nearer
 from onnxptq.passes.layer_moments import fp32_moments, in_depth_order
 from onnxptq.plan import LayerPlan
 from onnxptq.state import CompileState
@@ -39,8 +44,15 @@ def give_bias(state: CompileState, layer: LayerPlan) -> bool:
     return True
 
 
+@dataclass
 class BiasCorrectionPass:
-    name = "bias-correction"
+    """``keep``: nearer (only where the outputs move nearer fp32) or always."""
+
+    keep: str = "nearer"
+    name: ClassVar[str] = "bias-correction"
+
+    def __post_init__(self) -> None:
+        check_keep(self.name, self.keep)
 
     def run(self, state: CompileState) -> None:
         layers = [name for name, layer in state.plan.layers.items() if give_bias(state, layer)]
@@ -57,9 +69,10 @@ class BiasCorrectionPass:
             # relative to the layer's pooled std: dead channels (σ_c ≈ 0) would swamp a per-channel ratio
             shifts.extend((np.abs(shift) / max(float(np.sqrt(ref.var.mean())), 1e-12)).tolist())
 
-        runs = in_depth_order(state, layers, correct, "bias correction")
-        skipped = len(state.plan.layers) - len(layers)
-        rel = np.asarray(shifts) if shifts else np.zeros(1)
-        state.report.note(self.name, f"{len(layers)} layers, {runs} runs; mean output error removed "
-                                     f"|E[y_q − y]|/σ_layer per channel: median {np.median(rel):.3g}, max {rel.max():.3g}"
-                                     + (f"; {skipped} layers without a bias input left as is" if skipped else ""))
+        with kept_if_nearer(state, self.name, layers, self.keep):
+            runs = in_depth_order(state, layers, correct, "bias correction")
+            skipped = len(state.plan.layers) - len(layers)
+            rel = np.asarray(shifts) if shifts else np.zeros(1)
+            state.report.note(self.name, f"{len(layers)} layers, {runs} runs; mean output error removed |E[y_q − y]|"
+                                         f"/σ_layer per channel: median {np.median(rel):.3g}, max {rel.max():.3g}"
+                                         + (f"; {skipped} layers without a bias input left as is" if skipped else ""))

@@ -21,7 +21,8 @@ their BatchNorms already folded, where the fp32 statistics are just as available
 left out: on EfficientNet-Lite0 (W8A8) also re-standardizing the logits Gemm raised the mean KL to
 fp32 from 0.0099 to 0.0127. Layers are re-standardized in depth order, each on its quantized,
 already-corrected prefix (``layer_moments.in_depth_order``). Blocked (int4 MatMulNBits) grids are
-left as is.
+left as is. The re-standardization is kept only if it brings the model's outputs nearer fp32 on the
+calibration set (``passes/kept.py``; ``keep=always`` keeps it regardless).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from onnxptq.errors import InputError
 from onnxptq.kernels.moments import ChannelMoments, standardizing_scale
 from onnxptq.kernels.quant import broadcast_channel, dequantize, quantize
 from onnxptq.passes.bias_correction import give_bias
+from onnxptq.passes.kept import check_keep, kept_if_nearer
 from onnxptq.passes.layer_moments import fp32_moments, hidden_layers, in_depth_order
 from onnxptq.plan import FoldedBN, LayerPlan
 from onnxptq.state import CompileState
@@ -72,13 +74,15 @@ def rescale_layer(layer: LayerPlan, a: np.ndarray, c: np.ndarray) -> None:
 
 @dataclass
 class BNReestimatePass:
-    """``target``: fp32 or bn; ``layers``: bn or hidden (see the module doc)."""
+    """``target``: fp32 or bn; ``layers``: bn or hidden; ``keep``: nearer or always (module doc)."""
 
     target: str = "fp32"
     layers: str = "bn"
+    keep: str = "nearer"
     name: ClassVar[str] = "bn-reestimate"
 
     def __post_init__(self) -> None:
+        check_keep(self.name, self.keep)
         if self.target not in TARGETS:
             raise InputError(f"bn-reestimate: target must be one of {', '.join(TARGETS)}; got {self.target!r}")
         if self.layers not in ("bn", "hidden"):
@@ -130,7 +134,8 @@ class BNReestimatePass:
             ratios.extend((measured.std / np.maximum(targets[layer.node][1], 1e-12)).tolist())
             self.restandardize(state, layer, measured, targets[layer.node])
 
-        runs = in_depth_order(state, layers, correct, "BN re-estimation")
-        p5, p50, p95 = np.percentile(ratios, [5, 50, 95])
-        state.report.note(self.name, f"{len(layers)} layers, {runs} runs, target {self.target}; std ratio "
-                                     f"σ_q/σ_target per channel before: median {p50:.4g}, 5–95% [{p5:.4g}, {p95:.4g}]")
+        with kept_if_nearer(state, self.name, layers, self.keep):
+            runs = in_depth_order(state, layers, correct, "BN re-estimation")
+            p5, p50, p95 = np.percentile(ratios, [5, 50, 95])
+            state.report.note(self.name, f"{len(layers)} layers, {runs} runs, target {self.target}; std ratio σ_q/"
+                                         f"σ_target per channel before: median {p50:.4g}, 5–95% [{p5:.4g}, {p95:.4g}]")

@@ -95,7 +95,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxptq import runtime
 from onnxptq.capture import response_stats
 from onnxptq.costs import counted_bytes, layer_encoding, layer_storage_bytes
 from onnxptq.errors import InputError
@@ -109,10 +108,10 @@ from onnxptq.passes.calibration import calibrated_range
 from onnxptq.passes.candidates import FLOAT_BITS, Candidate, budget_of, dominated, parse_candidates
 from onnxptq.pareto import write_sweep
 from onnxptq.passes.emission import output_model
+from onnxptq.passes.kept import calibration_reference, plan_distance
 from onnxptq.passes.pricing import LayerPricer
 from onnxptq.passes.select import SelectPass, weight_grid
-from onnxptq.passes.sensitivity import (Change, InputGrid, Reference, build_probe, output_distance, reference,
-                                        run_batches, subset)
+from onnxptq.passes.sensitivity import Change, InputGrid, Reference, build_probe, reference, subset
 from onnxptq.passes.tables import TABLE_BITS, fit_table
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan
@@ -475,20 +474,18 @@ class MixedPrecisionPass:
             return choice
         rows = np.arange(len(t.layers))
         cheap = [p for p in state.corrections if isinstance(p, (BNReestimatePass, BiasCorrectionPass))]
-        ref, choices = None, []
+        choices = []
+        calibration_reference(state)  # before the scratch copies below, so that they share it
 
         def measure(label: str, x: np.ndarray) -> dict:
             """Correct the plan of ``x`` (just re-planned) as the pipeline will, emit it, measure it."""
-            nonlocal ref
-            ref = ref or reference(state.model, t.old, state.calib, state.options.threads)
             scratch = dataclasses.replace(state, report=Report())
             for correction in cheap:
                 correction.run(scratch)
-            session = runtime.session(output_model(scratch).SerializeToString(), state.options.threads)
             predicted = float(t.loss[rows, x].sum())
             return {"choice": label, "counted": float(t.cost[rows, x].sum()),
-                    "predicted_loss": None if np.isnan(predicted) else predicted, "measured_loss": output_distance(
-                ref.outputs, run_batches(session, ref.names, ref.feeds), ref.normalized)}
+                    "predicted_loss": None if np.isnan(predicted) else predicted,
+                    "measured_loss": plan_distance(scratch)}
 
         worse = dominated(t.candidates, t.cost.sum(axis=0, keepdims=True))[0]  # e.g. sub-8-bit codes stored int8
         over, fits = [], []  # (total, column) of the uniform choices over the budget and within it

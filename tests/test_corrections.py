@@ -1,5 +1,7 @@
 """Bias correction, BN re-estimation and the pipelines that run them, on the synthetic CNN."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -84,7 +86,7 @@ def test_bias_correction_zeroes_each_layers_mean_error(bn_model):
     names = list(state.plan.layers)
     ref = fp32_moments(state, names)
     before = {n: quantized_moments(state, [n])[n].mean - ref[n].mean for n in names}
-    BiasCorrectionPass().run(state)
+    BiasCorrectionPass(keep="always").run(state)
     for name in names:
         # measured as the pass measures: one layer at a time, on its corrected prefix
         error = quantized_moments(state, [name])[name].mean - ref[name].mean
@@ -98,7 +100,7 @@ def test_bias_correction_adds_a_bias_where_there_is_none(bn_model):
     del conv2.input[2]
     state = planned(model, x, target="ort-cpu-avx2")
     assert state.plan.layers["conv2"].bias is None
-    BiasCorrectionPass().run(state)
+    BiasCorrectionPass(keep="always").run(state)
     assert state.plan.layers["conv2"].bias is not None and np.any(state.plan.layers["conv2"].bias != 0)
     ref = fp32_moments(state, ["conv2"])["conv2"]
     error = quantized_moments(state, ["conv2"])["conv2"].mean - ref.mean
@@ -111,7 +113,7 @@ def test_bn_reestimation_matches_targets_and_keeps_codes(bn_model, target):
     layer = state.plan.layers["conv1"]
     assert layer.bn is not None and state.plan.layers["conv2"].bn is None
     codes, scale = emitted_codes(state), layer.grid.scale.copy()
-    BNReestimatePass(target=target).run(state)
+    BNReestimatePass(target=target, keep="always").run(state)
     if target == "fp32":
         ref = fp32_moments(state, ["conv1"])["conv1"]
         mean, std = ref.mean, ref.std
@@ -133,13 +135,57 @@ def test_bn_reestimation_of_hidden_layers(bn_model):
     state = planned(*bn_model, target="ort-cpu-avx2")
     assert hidden_layers(state.model.graph, state.plan.layers) == {"conv1", "conv2"}
     fc = state.plan.layers["fc"].grid.scale.copy()
-    BNReestimatePass(layers="hidden").run(state)
+    BNReestimatePass(layers="hidden", keep="always").run(state)
     np.testing.assert_array_equal(state.plan.layers["fc"].grid.scale, fc)
     for name in ("conv1", "conv2"):
         ref = fp32_moments(state, [name])[name]
         got = quantized_moments(state, [name])[name]
         np.testing.assert_allclose(got.std, ref.std, rtol=1e-5)
         assert np.all(np.abs(got.mean - ref.mean) <= bias_steps(state, name) + 1e-5)
+
+
+def numpy_distance(state):
+    """Mean KL of the softmax of the emitted model's logits to the fp32 model's on the calibration set,
+    from both models' outputs."""
+    from onnxptq import runtime
+    from onnxptq.metrics import mean_kl
+    from onnxptq.passes.emission import output_model
+
+    x = {"x": np.concatenate([b["x"] for b in state.calib.batches(64)])}
+    ref = runtime.session(state.source).run(None, x)[0]
+    test = runtime.session(output_model(state).SerializeToString()).run(None, x)[0]
+    return mean_kl(ref, test, False)
+
+
+@pytest.mark.parametrize("correction, kept", [
+    (BNReestimatePass(target="bn"), False),  # β, |γ| of a BatchNorm whose statistics the data do not have
+    (BiasCorrectionPass(), True),
+])
+def test_a_correction_is_kept_only_if_the_outputs_move_nearer_fp32(bn_model, correction, kept):
+    """The decision and the distances noted are those of the emitted models on the calibration set
+    (mean KL of the logits, recomputed here); a correction not kept leaves every layer as it was, and
+    ``keep=always`` keeps the same correction regardless."""
+    import copy
+    import re
+
+    state = planned(*bn_model, target="ort-cpu-avx2", w_bits=4)
+    before_plan = copy.deepcopy(state.plan.layers)
+    before = numpy_distance(state)
+    always = copy.deepcopy(state)
+    correction.run(state)
+    after = numpy_distance(state)
+    note = next(n for n in state.report.passes[-1]["notes"] if "kept" in n)
+    numbers = [float(v) for v in re.search(r"(\d[\d.e-]*) → (\d[\d.e-]*)", note).groups()]
+    assert numbers[0] == pytest.approx(before, rel=1e-3)
+    if kept:
+        assert note.startswith("kept") and after < before and numbers[1] == pytest.approx(after, rel=1e-3)
+    else:
+        assert note.startswith("not kept") and after == pytest.approx(before, rel=1e-6)
+        for name, layer in state.plan.layers.items():
+            np.testing.assert_array_equal(layer.grid.scale, before_plan[name].grid.scale)
+            np.testing.assert_array_equal(layer.bias, before_plan[name].bias)
+        type(correction)(**{**vars(correction), "keep": "always"}).run(always)
+        assert numpy_distance(always) > before, "the correction kept regardless moves the outputs away"
 
 
 def test_depth_levels_put_parallel_branches_on_one_level(rng):
@@ -164,7 +210,8 @@ def test_depth_levels_put_parallel_branches_on_one_level(rng):
     ("bn-reestimate:target=ema", "target must be one of fp32, bn"),
     ("bn-reestimate:eps=1", "bad option 'eps=1'"),
     ("bn-reestimate:layers=hidden:target=bn", "layers=hidden needs target=fp32"),
-    ("bias-correction:x=1", "options of bias-correction: none"),
+    ("bias-correction:x=1", "options of bias-correction: keep=<str>"),
+    ("bias-correction:keep=never", "keep must be one of nearer, always"),
     ("adaquant:mode=serial", "mode must be parallel or sequential"),
     ("bn-reestimate:layers=bn,target=bn", "separated by ':'"),
 ])
@@ -235,3 +282,18 @@ def test_cli_pipeline_flag(bn_model, tmp_path, capsys):
     assert main(args + ["--pipeline", "calibration,adaround"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown pass 'adaround'" in err[0]
+
+
+def test_the_summary_says_which_correction_was_put_back(bn_model, tmp_path, capsys):
+    model, x = bn_model
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=x)
+    args = ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "--w-bits", "4"]
+    assert main(args + ["-o", str(tmp_path / "q.onnx"), "--json", str(tmp_path / "r.json"),
+                        "--pipeline", "bn-reestimate:target=bn"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    notes = next(p for p in json.loads((tmp_path / "r.json").read_text())["passes"] if p["name"] == "bn-reestimate")
+    assert "bn-reestimate not kept: it moved the outputs away from fp32" in out
+    assert any(n.startswith("not kept") for n in notes["notes"])
+    assert main(args + ["-o", str(tmp_path / "q2.onnx"), "--pipeline", "bn-reestimate:target=bn:keep=always"]) == 0
+    assert "not kept" not in capsys.readouterr().out

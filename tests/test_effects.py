@@ -17,15 +17,17 @@ def test_effects_are_the_agreements_of_the_truncated_pipelines(rng, data):
     that ends there (its verification measures the same held-back samples); passes that leave the
     model unchanged (tables, mixed precision without a budget) are not listed. BitSplit runs in
     sequential mode: the parallel mode's output check prices each layer as the pipeline's corrections
-    will leave it, so a compile truncated before them would judge differently."""
+    will leave it, so a compile truncated before them would judge differently. Both corrections are
+    kept regardless of their effect (``keep=always``), so that each is listed."""
     model = cnn(rng)
-    options = dict(w_bits=3, weight_solver="bitsplit-sequential", first_last_8bit=False)
+    options = dict(w_bits=3, weight_solver="bitsplit-sequential", first_last_8bit=False,
+                   pipeline="bn-reestimate:layers=hidden:keep=always,bias-correction:keep=always")
     report = onnxptq.compile(model, {"x": data}, **options).report
     effects = report["effects"]
     assert [e["after"] for e in effects] == ["weights", "bitsplit", "bn-reestimate", "bias-correction"]
     truncated = {"weights": dict(weight_solver="rtn", pipeline="calibration"),
                  "bitsplit": dict(pipeline="calibration"),
-                 "bn-reestimate": dict(pipeline="bn-reestimate:layers=hidden")}
+                 "bn-reestimate": dict(pipeline="bn-reestimate:layers=hidden:keep=always")}
     for entry in effects[:-1]:
         stopped = onnxptq.compile(model, {"x": data}, **{**options, **truncated[entry["after"]],
                                                           "pass_effects": False}).report
