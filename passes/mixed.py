@@ -39,7 +39,8 @@ The program (``kernels/allocation.py``), with x_{l,c} one-hot per layer:
 The program adds single-layer losses, which need not add up to the model's. So under a size, BOPs or
 latency budget its choice is measured end to end beside every uniform choice (one candidate for all
 rows) that fits the same budget — each re-planned, corrected by the pipeline's BN re-estimation and
-bias correction, emitted and run on onnxruntime over the calibration set (not only the probe's
+bias correction (each kept only where it brings the outputs nearer fp32, as in the pipeline:
+``passes/kept.py``), emitted and run on onnxruntime over the calibration set (not only the probe's
 subset: the comparison is of whole models and costs one run each) — and the nearest fp32 is kept
 (``_best_measured``): the result is never, by that measure, worse than a uniform model within the
 budget. (magika at ``--size-ratio 0.152``, which uniform 4-bit just fits: the program chose a 2-bit
