@@ -126,6 +126,7 @@ class CompileState:
     fused: onnx.ModelProto | None = None
     reference: list[np.ndarray] | None = None  # the fp32 model's outputs on the verification samples
     calib_reference: Any = None  # the fp32 model's outputs on the calibration set (passes/kept.py)
+    calib_distances: dict[bytes, float] = field(default_factory=dict)  # emitted model's digest → its distance
     corrections: list[Any] = field(default_factory=list)  # the pipeline's correction passes, in order
     # calibrated tensor → (running min/max, histogram or None), kept by the calibration pass
     range_statistics: dict[str, tuple[Any, Any]] = field(default_factory=dict)

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from onnxptq.passes.kept import NOT_KEPT
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -68,7 +70,7 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
         console.print(effects_table(report["effects"]))
     for entry in report["passes"]:  # a correction put back is the one pass effect the table cannot show
         for note in entry.get("notes", []):
-            if note.startswith("not kept"):
+            if note.startswith(NOT_KEPT):
                 console.print(f"{entry['name']} {note}", highlight=False)
     passes = ", ".join(f"{p['name']} {p.get('seconds', 0):.1f}s" for p in report["passes"])
     if ver["coverage"] is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Iterator
 
 from onnxptq import runtime
@@ -34,6 +35,7 @@ from onnxptq.passes.sensitivity import Reference, output_distance, reference, ru
 from onnxptq.state import CompileState
 
 KEEP = ("nearer", "always")
+NOT_KEPT = "not kept"  # how the note of a correction put back starts (the summary lists those)
 
 
 def check_keep(pass_name: str, keep: str) -> None:
@@ -50,10 +52,17 @@ def calibration_reference(state: CompileState) -> Reference:
 
 
 def plan_distance(state: CompileState) -> float:
-    """D of the model ``state.plan`` stands for, on the calibration set (module doc)."""
-    ref = calibration_reference(state)
-    session = runtime.session(output_model(state).SerializeToString(), state.options.threads, integer_level(state))
-    return output_distance(ref.outputs, run_batches(session, ref.names, ref.feeds), ref.normalized)
+    """D of the model ``state.plan`` stands for, on the calibration set (module doc). Run once per
+    emitted model: a correction's ``before`` is the previous one's ``after``, and mixed precision
+    measures a contender as its last correction left it."""
+    model = output_model(state).SerializeToString(deterministic=True)
+    digest = hashlib.sha256(model).digest()
+    if digest not in state.calib_distances:
+        ref = calibration_reference(state)
+        session = runtime.session(model, state.options.threads, integer_level(state))
+        state.calib_distances[digest] = output_distance(ref.outputs, run_batches(session, ref.names, ref.feeds),
+                                                        ref.normalized)
+    return state.calib_distances[digest]
 
 
 @contextlib.contextmanager
@@ -71,5 +80,5 @@ def kept_if_nearer(state: CompileState, pass_name: str, layers: list[str], keep:
         return
     for name, layer in saved.items():  # in place: whoever holds a layer sees it restored
         vars(state.plan.layers[name]).update(vars(layer))
-    state.report.note(pass_name, f"not kept: it moved the outputs away from fp32 on the calibration set "
+    state.report.note(pass_name, f"{NOT_KEPT}: it moved the outputs away from fp32 on the calibration set "
                                  f"(distance {before:.4g} → {after:.4g}); the layers are as before it")

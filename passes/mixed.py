@@ -476,7 +476,7 @@ class MixedPrecisionPass:
         rows = np.arange(len(t.layers))
         cheap = [p for p in state.corrections if isinstance(p, (BNReestimatePass, BiasCorrectionPass))]
         choices = []
-        calibration_reference(state)  # before the scratch copies below, so that they share it
+        calibration_reference(state)  # before the scratch copies below, so that they share it (and the distances)
 
         def measure(label: str, x: np.ndarray) -> dict:
             """Correct the plan of ``x`` (just re-planned) as the pipeline will, emit it, measure it."""

@@ -1,6 +1,8 @@
 """Bias correction, BN re-estimation and the pipelines that run them, on the synthetic CNN."""
 
+import copy
 import json
+import re
 
 import numpy as np
 import onnx
@@ -9,17 +11,18 @@ from onnx import helper, numpy_helper
 
 import onnxptq
 from conftest import cnn, fvi, make_model
-from onnxptq import pipelines
+from onnxptq import pipelines, runtime
 from onnxptq.api import PIPELINE
 from onnxptq.cli import main
 from onnxptq.data import load_calibration
 from onnxptq.errors import InputError
 from onnxptq.kernels.moments import ChannelMoments, standardizing_scale
 from onnxptq.kernels.saturation import pairs_fit, reduction_rows
+from onnxptq.metrics import mean_kl
 from onnxptq.model_io import to_ir
 from onnxptq.passes.bias_correction import BiasCorrectionPass
 from onnxptq.passes.bn_reestimate import BNReestimatePass, bn_targets
-from onnxptq.passes.emission import emit_model
+from onnxptq.passes.emission import emit_model, output_model
 from onnxptq.passes.layer_moments import (depth_levels, fp32_moments, hidden_layers, level_groups,
                                           quantized_moments)
 from onnxptq.state import CompileOptions, CompileState, run_passes
@@ -147,10 +150,6 @@ def test_bn_reestimation_of_hidden_layers(bn_model):
 def numpy_distance(state):
     """Mean KL of the softmax of the emitted model's logits to the fp32 model's on the calibration set,
     from both models' outputs."""
-    from onnxptq import runtime
-    from onnxptq.metrics import mean_kl
-    from onnxptq.passes.emission import output_model
-
     x = {"x": np.concatenate([b["x"] for b in state.calib.batches(64)])}
     ref = runtime.session(state.source).run(None, x)[0]
     test = runtime.session(output_model(state).SerializeToString()).run(None, x)[0]
@@ -165,9 +164,6 @@ def test_a_correction_is_kept_only_if_the_outputs_move_nearer_fp32(bn_model, cor
     """The decision and the distances noted are those of the emitted models on the calibration set
     (mean KL of the logits, recomputed here); a correction not kept leaves every layer as it was, and
     ``keep=always`` keeps the same correction regardless."""
-    import copy
-    import re
-
     state = planned(*bn_model, target="ort-cpu-avx2", w_bits=4)
     before_plan = copy.deepcopy(state.plan.layers)
     before = numpy_distance(state)
@@ -297,3 +293,19 @@ def test_the_summary_says_which_correction_was_put_back(bn_model, tmp_path, caps
     assert any(n.startswith("not kept") for n in notes["notes"])
     assert main(args + ["-o", str(tmp_path / "q2.onnx"), "--pipeline", "bn-reestimate:target=bn:keep=always"]) == 0
     assert "not kept" not in capsys.readouterr().out
+
+
+def test_each_emitted_model_is_measured_once(bn_model, monkeypatch):
+    """BN re-estimation then bias correction: the second's distance before it is the first's after it,
+    so three models are run, not four."""
+    from onnxptq.passes import kept
+
+    runs = []
+    distance = kept.output_distance
+    monkeypatch.setattr(kept, "output_distance", lambda *args: runs.append(1) or distance(*args))
+    state = planned(*bn_model, target="ort-cpu-avx2", w_bits=4)
+    BNReestimatePass(layers="hidden").run(state)
+    BiasCorrectionPass().run(state)
+    assert len(runs) == 3
+    bn, bias = (next(n for n in p["notes"] if "→" in n) for p in state.report.passes[-2:])
+    assert re.search(r"→ (\d[\d.e-]*)", bn).group(1) == re.search(r"(\d[\d.e-]*) →", bias).group(1)
