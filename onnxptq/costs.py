@@ -6,7 +6,8 @@ points, bias), for a layer with ``n`` weights in ``C`` output channels (K = n / 
 =============  ==============================================================  =====================
 encoding       initializers                                                    bytes
 =============  ==============================================================  =====================
-``fp32``       float weight and bias                                           4n + 4C
+``fp32``       float weight and bias; goal ``size``: float16 behind a Cast      4n + 4C
+               (``onnxptq/half_floats.py``: h(m) = 2m from 32 values, else 4m)  h(n) + h(C)
 ``int8``       int8 codes (any width ≤ 8 bits), f32 scale + int8 zero point    n + 5C + 8C
                per channel; int32 bias with its f32 scale (no zero point: 0);
                goal ``size``: f16 scale, no zero point (a Gemm's int8), the     n + 2C + 4C + 4
@@ -21,7 +22,7 @@ encoding       initializers                                                    b
 ``int4-qdq``   int4 codes and int4 zero points (goal ``generic``)              ⌈n/2⌉ + 4C + ⌈C/2⌉ + 8C
 ``int4-blocks``int4 codes in blocks of B along K, one f16 scale per block and  ⌈n/2⌉ + 2·⌈K/B⌉·C + 4C
                column (f32 if one is outside f16's normal range), float bias
-               (MatMulNBits)
+               (MatMulNBits); goal ``size``: the bias h(C)
 =============  ==============================================================  =====================
 
 (the bias terms only when the layer has a bias; under goal ``size`` a scale is 4 bytes where one of
@@ -44,6 +45,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxptq import int3, runtime
+from onnxptq.half_floats import half_bytes
 from onnxptq.kernels.quant import block_rows, channel_rows, row_scales, symmetric_qmax
 from onnxptq.latency import interleaved_latency
 from onnxptq.passes.calibration import with_outputs
@@ -58,8 +60,9 @@ SHARED_BYTES = {"int3-cast": int3.function(21).ByteSize()}  # model-local functi
 
 
 class Compact(NamedTuple):
-    """Goal ``size``'s per-channel layout (``emission``): bytes of one scale (2, float16; 4 where one
-    is outside its normal range) and of one weight zero point (0: none; 1 for a Gemm)."""
+    """Goal ``size``'s layout (``emission``): bytes of one per-channel scale (2, float16; 4 where one
+    is outside its normal range) and of one weight zero point (0: none; 1 for a Gemm); for ``fp32`` and
+    ``int4-blocks`` only its presence counts (their float values stored float16, ``half_floats``)."""
 
     scale: int
     zero_point: int
@@ -72,8 +75,9 @@ def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bia
     n = int(np.prod(weight_shape))
     c, k = channels, n // channels
     packed = -(-n // 2)
+    floats = half_bytes if compact is not None else (lambda m: 4 * m)  # goal ``size``: ``half_floats``
     if encoding == "fp32":
-        return 4 * n + (4 * c if bias else 0)
+        return floats(n) + (floats(c) if bias else 0)
     codes = {"int8": n, "int8-a4": n, "int4-cast": packed, "int2-cast": -(-n // 4),
              "int3-cast": 3 * -(-n // 8) + 8 * len(weight_shape)}
     if encoding in codes:
@@ -83,7 +87,7 @@ def storage_bytes(encoding: str, weight_shape: Sequence[int], channels: int, bia
     if encoding == "int4-qdq":
         return packed + 4 * c + -(-c // 2) + (8 * c if bias else 0)
     if encoding == "int4-blocks":
-        return packed + 2 * -(-k // block_size) * c + (4 * c if bias else 0)
+        return packed + 2 * -(-k // block_size) * c + (floats(c) if bias else 0)
     raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
 
 
@@ -110,11 +114,14 @@ def layer_storage_bytes(layer: LayerPlan | TablePlan, goal: str, encoding: str |
     weight of D channels without bias (one scale per column)."""
     encoding = encoding or _planned_encoding(layer, goal)
     if isinstance(layer, TablePlan):
-        return storage_bytes(encoding, layer.table.shape, layer.table.shape[1], False)
+        compact = Compact(0, 0) if goal == "size" and encoding == "fp32" else None  # a float table: float16
+        return storage_bytes(encoding, layer.table.shape, layer.table.shape[1], False, compact=compact)
     compact = None
-    if goal == "size" and encoding not in ("fp32", "int4-blocks", "int4-qdq"):
-        zero_point = weight_zero_point(layer, goal)
-        compact = Compact(stored_scale(layer, goal).itemsize, 0 if zero_point is None else zero_point.itemsize)
+    if goal == "size":
+        per_channel = encoding not in ("fp32", "int4-blocks", "int4-qdq")
+        zero_point = weight_zero_point(layer, goal) if per_channel else None
+        compact = Compact(stored_scale(layer, goal).itemsize if per_channel else 0,
+                          0 if zero_point is None else zero_point.itemsize)
     return storage_bytes(encoding, layer.weight.shape, layer.channels, layer.bias is not None,
                          layer.grid.block_size or 32, compact)
 

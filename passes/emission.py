@@ -60,6 +60,7 @@ from onnx import version_converter
 from onnxptq import int3
 from onnxptq.errors import InputError
 from onnxptq.graph import add_initializer, set_const
+from onnxptq.half_floats import half_floats
 from onnxptq.kernels.quant import block_scales, broadcast_channel, quantize
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, TablePlan
 from onnxptq.short_names import shorten_names
@@ -425,14 +426,17 @@ def output_model(state: CompileState) -> onnx.ModelProto:
     Of the intermediate values' shapes (``value_info``) only those the source model recorded are
     written: the rest were inferred during the compile, onnxruntime infers them again at load, and
     they were 4% of PP-OCRv4's packed 4-bit file (70 kB of 1.86 MB), bytes a size budget pays for.
-    Under goal ``size`` the values get short names (``onnxptq/short_names.py``) unless the options keep them."""
+    Under goal ``size`` the float constants of float ops are stored as float16 (``onnxptq/half_floats.py``)
+    and the values get short names (``onnxptq/short_names.py``) unless the options keep them."""
     out = ir.serde.serialize_model(emit_model(state.model, state.plan))
     recorded = {v.name for v in state.source.graph.value_info}
     kept = [v for v in out.graph.value_info if v.name in recorded]
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept)
-    if state.plan.goal == "size" and state.options.short_names:
-        shorten_names(out, set(state.plan.layers) | set(state.plan.ops))
+    if state.plan.goal == "size":
+        half_floats(out)
+        if state.options.short_names:
+            shorten_names(out, set(state.plan.layers) | set(state.plan.ops))
     out.producer_name = "onnxptq"
     stamp = {"options": state.options.to_dict(), "target": state.report.model.get("target")}
     meta = {p.key: p.value for p in out.metadata_props}
