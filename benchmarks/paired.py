@@ -9,7 +9,10 @@ many samples favour A and how many B, the two-sided sign-test p-value of that sp
 split at least as uneven if neither model were better: 2·P[X ≤ min(a, b)], X ~ Binomial(a + b, ½)),
 and for the distance a 95% bootstrap interval of mean(d_A − d_B) (2000 resamples, seed 0). For class
 scores also fp32's own top-1 margin, p₁ − p₂: the share of positions below 0.05, and its median where
-A and B disagree on the argmax — near-ties that any rounding flips. One JSON line per output.
+A and B disagree on the argmax — near-ties that any rounding flips. One JSON line per output, and one
+for the task: the same split of each example's error per sample against its labels
+(``sample_errors``: a wrong top-1 class, file type or spam call, or PP-OCRv4's character error rate per
+line), under the name of the metric it makes up (``task_error_of``).
 
 The sign test and the bootstrap take the samples as independent. EfficientNet-Lite0's eval images are
 crops and mirror images of a few photos, which tend to flip together, so its p-values and intervals
@@ -85,7 +88,7 @@ def main() -> None:
         graph_outputs = {m: [o.name for o in load_model(m).graph.output] for m in (fp32, args.a, args.b)}
     except InputError as exc:
         fail(str(exc))
-    inputs, _ = ex.eval_set()
+    inputs, labels = ex.eval_set()
     runs = {m: dict(zip(graph_outputs[m], run_model(m, inputs))) for m in (fp32, args.a, args.b)}
     rng = np.random.default_rng(0)
     for name, kind in zip(names, normalized):
@@ -106,6 +109,9 @@ def main() -> None:
             row.update(fp32_margin_below_005=float((margin < NEAR_TIE).mean()),
                        fp32_margin_median_where_a_b_differ=float(np.median(margin[flips])) if flips.any() else None)
         print(json.dumps(row))
+    errors = {m: ex.sample_errors([runs[m][o] for o in graph_outputs[m]], labels) for m in (args.a, args.b)}
+    print(json.dumps({"task_error_of": ex.PRIMARY, "samples": len(errors[args.a]), "a": args.a, "b": args.b,
+                      **split(errors[args.a], errors[args.b], lower_is_better=True)}))
 
 
 if __name__ == "__main__":

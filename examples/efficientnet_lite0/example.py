@@ -443,13 +443,18 @@ def calibration_set(n: int = 64) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
-def metrics(outputs: list[np.ndarray], labels: np.ndarray) -> dict[str, float]:
-    """Top-1 and top-5 accuracy over the labelled samples (label >= 0)."""
+def sample_errors(outputs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Per labelled sample (label >= 0): 1 where the top-1 class is not the label, else 0."""
     labelled = labels >= 0
-    logits, y = outputs[0][labelled], labels[labelled]
-    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
-    return {"top1": float(np.mean(top5[:, 0] == y)),
-            "top5": float(np.mean((top5 == y[:, None]).any(axis=1)))}
+    return (outputs[0][labelled].argmax(axis=1) != labels[labelled]).astype(np.float64)
+
+
+def metrics(outputs: list[np.ndarray], labels: np.ndarray) -> dict[str, float]:
+    """Top-1 (1 − mean ``sample_errors``) and top-5 accuracy over the labelled samples (label >= 0)."""
+    labelled = labels >= 0
+    top5 = np.argsort(-outputs[0][labelled], axis=1, kind="stable")[:, :5]
+    return {"top1": 1.0 - float(np.mean(sample_errors(outputs, labels))),
+            "top5": float(np.mean((top5 == labels[labelled][:, None]).any(axis=1)))}
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

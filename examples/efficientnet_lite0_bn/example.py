@@ -19,6 +19,7 @@ HIGHER_IS_BETTER = base.HIGHER_IS_BETTER
 eval_set = base.eval_set
 calibration_set = base.calibration_set
 metrics = base.metrics
+sample_errors = base.sample_errors
 agreement = base.agreement
 
 

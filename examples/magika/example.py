@@ -290,9 +290,14 @@ def calibration_set(n: int = 64) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
+def sample_errors(outputs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Per file: 1 where the predicted content type is not the extension-derived label, else 0."""
+    return (outputs[0].argmax(axis=1) != labels).astype(np.float64)
+
+
 def metrics(outputs: list[np.ndarray], labels: np.ndarray) -> dict[str, float]:
-    """Top-1 accuracy of the model's content-type prediction against the extension-derived label."""
-    return {"top1": float(np.mean(outputs[0].argmax(axis=1) == labels))}
+    """Top-1 accuracy of the model's content-type prediction: 1 − mean ``sample_errors``."""
+    return {"top1": 1.0 - float(np.mean(sample_errors(outputs, labels)))}
 
 
 def agreement(fp32_outputs: list[np.ndarray], q_outputs: list[np.ndarray]) -> dict[str, float]:

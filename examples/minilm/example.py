@@ -494,11 +494,15 @@ def probe() -> Probe:
     return fitted
 
 
-def metrics(outputs: list[np.ndarray], labels: SpamLabels) -> dict[str, float]:
-    """Accuracy of the fixed fp32 spam probe on the test e-mails' embeddings ``outputs[0]``."""
+def sample_errors(outputs: list[np.ndarray], labels: SpamLabels) -> np.ndarray:
+    """Per test e-mail: 1 where the fixed fp32 spam probe on its embedding (``outputs[0]``) is wrong."""
     test = ~labels.probe_train
-    predicted = probe().logits(outputs[0][test]) > 0
-    return {"spam_accuracy": float(np.mean(predicted == labels.is_spam[test]))}
+    return ((probe().logits(outputs[0][test]) > 0) != labels.is_spam[test]).astype(np.float64)
+
+
+def metrics(outputs: list[np.ndarray], labels: SpamLabels) -> dict[str, float]:
+    """Accuracy of the fixed fp32 spam probe on the test e-mails: 1 − mean ``sample_errors``."""
+    return {"spam_accuracy": 1.0 - float(np.mean(sample_errors(outputs, labels)))}
 
 
 def agreement(fp32_outputs: list[np.ndarray], q_outputs: list[np.ndarray]) -> dict[str, float]:

@@ -257,11 +257,16 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def sample_errors(outputs: list[np.ndarray], labels: list[str]) -> np.ndarray:
+    """Each line's character error rate: edit distance of the decoded text to the truth / its length."""
+    decoded = ctc_greedy_decode(outputs[0])
+    return np.array([edit_distance(d, t) / len(t) for d, t in zip(decoded, labels, strict=True)])
+
+
 def metrics(outputs: list[np.ndarray], labels: list[str]) -> dict[str, float]:
-    """Exact-match rate and mean character error rate (edit distance / truth length)."""
-    pairs = list(zip(ctc_greedy_decode(outputs[0]), labels, strict=True))
-    return {"exact_match": float(np.mean([d == t for d, t in pairs])),
-            "cer": float(np.mean([edit_distance(d, t) / len(t) for d, t in pairs]))}
+    """Exact-match rate and mean character error rate (``sample_errors``)."""
+    errors = sample_errors(outputs, labels)
+    return {"exact_match": float(np.mean(errors == 0)), "cer": float(np.mean(errors))}
 
 
 def agreement(fp32_outputs: list[np.ndarray], q_outputs: list[np.ndarray]) -> dict[str, float]:
