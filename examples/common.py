@@ -26,7 +26,8 @@ def _unpack_once(key: str, fetch) -> Path:
     """Return ``CACHE/pkgs/key``, creating it with ``fetch(tmpdir) -> archive path`` on first use.
 
     The folder appears atomically (rename of a finished temp folder), so an interrupted download
-    never leaves a half-unpacked package behind.
+    never leaves a half-unpacked package behind; when another process finishes the same package
+    first, its folder is kept and this one's copy is dropped.
     """
     dest = CACHE / "pkgs" / key
     if dest.is_dir():
@@ -41,7 +42,12 @@ def _unpack_once(key: str, fetch) -> Path:
         else:
             with tarfile.open(archive) as tf:
                 tf.extractall(out, filter="data")
-        os.replace(out, dest)
+        try:
+            os.replace(out, dest)
+        except OSError:
+            # Renaming onto a non-empty folder fails: a concurrent fetch won the race.
+            if not dest.is_dir():
+                raise
     return dest
 
 
