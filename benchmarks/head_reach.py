@@ -83,7 +83,7 @@ def head_and_reach(fp32: str, calib: dict) -> tuple[str, np.ndarray, np.ndarray]
 
     state = fused(fp32, calib)
     (name, (output, normalized)), = class_heads(state.model).items()
-    return name, const(state.model.graph.node(name).inputs[1]), reach(state, [output], [normalized])[0]
+    return name, const(state.model.graph.node(name).inputs[1]), reach(state, [output], [normalized])[0].r
 
 
 def uniform_w4(fp32: str, calib: dict, path: Path) -> onnx.ModelProto:

@@ -23,6 +23,7 @@ from onnxptq.passes.calibration import CalibrationPass
 from onnxptq.passes.candidates import budget_of
 from onnxptq.passes.emission import EmissionPass
 from onnxptq.passes.fusion import FusionPass
+from onnxptq.passes.groups import LayerGroupPass
 from onnxptq.passes.heads import HeadSplitPass
 from onnxptq.passes.mixed import MixedPrecisionPass
 from onnxptq.passes.select import SelectPass
@@ -31,7 +32,7 @@ from onnxptq.passes.verification import VerificationPass
 from onnxptq.passes.weights import WeightGridPass
 from onnxptq.state import CompileOptions, CompileState, Progress, run_passes
 
-PIPELINE = (FusionPass, HeadSplitPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass,
+PIPELINE = (FusionPass, LayerGroupPass, HeadSplitPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass,
             MixedPrecisionPass, EmissionPass, VerificationPass)
 
 

@@ -59,10 +59,11 @@ def print_compile(console: Console, report: dict[str, Any], output: str | None) 
         layers.add_row(op, str(bits), kernel or "?", str(n))
     console.print(layers)
     if report.get("mixed"):
-        for entry in report["passes"]:  # the parts of a split class head are rows of the program
-            if entry["name"] == "head-split":
+        splits = {"head-split": "class head split", "layer-groups": "layer split"}
+        for entry in report["passes"]:  # the parts of a split layer are rows of the program
+            if entry["name"] in splits:
                 for note in entry.get("notes", []):
-                    console.print(f"class head split: {note}", highlight=False)
+                    console.print(f"{splits[entry['name']]}: {note}", highlight=False)
         print_mixed(console, report["mixed"])
     console.print(outputs_table(f"Agreement with fp32 on {ver['samples']} "
                                 f"{'held-back' if ver['held_back'] else 'calibration'} samples", ver["outputs"]))

@@ -20,8 +20,8 @@ them in the lowest, is split into one layer per band, P₀, P₁, … the band's
 
     y = Gather(Concat(x·W[:, P₀], x·W[:, P₁], …, axis = −1), π, axis = −1)
 
-with π the inverse of the permutation P₀‖P₁‖… (stored int32), so y equals the unsplit layer's output
-column for column; a Gemm's parts keep its attributes and take their slices of B and C. Each part is
+with π the inverse of the permutation P₀‖P₁‖… (``passes/splitting.py``), so y equals the unsplit
+layer's output column for column; a Gemm's parts keep its attributes and take their slices of B and C. Each part is
 a layer of the plan: the program prices and chooses its bits on its own, and a part at 4 bits can be
 a MatMulNBits while another is an integer-input kernel (the parts read one input; each reads it as
 its encoding needs).
@@ -34,26 +34,40 @@ and index only shifted the program among near-ties elsewhere: fp32 top-1 agreeme
 0.692 unsplit, KL 0.234 against 0.247).
 
 A class the calibration set never makes probable is priced as free to coarsen: the calibration set
-must hold the kinds of input the model is to see.
+must hold the kinds of input the model is to see. Whether it shows which classes are never probable
+is checked by the Good–Turing estimate in its incidence form: with N calibration positions, of which
+Q₁ classes reach r ≥ 10⁻³ at exactly one, a new position brings about
+
+    u = Q₁ / N
+
+classes to 10⁻³ that no calibration position did. The head is split only where u ≤ ``MAX_UNSEEN``:
+PP-OCRv4's 52 lines (2080 positions) give u = 0.012; magika's 52 files, one position each, give
+u = 1.0 (each of 52 classes reaches 10⁻³ on one file only), and on its 1183 eval files 178 put a
+class of the lowest band at p > 10⁻³ and 45 make one the argmax — split there, the program gave those
+classes 2 or 3 bits at a price the eval files did not bear out (``benchmarks/results/results.md``,
+session 23).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxptq import runtime
-from onnxptq.graph import add_initializer, attr, const, consumers
+from onnxptq.graph import attr, const, consumers
 from onnxptq.metrics import log_probabilities
 from onnxptq.passes.candidates import budget_of
 from onnxptq.passes.sensitivity import float_outputs
+from onnxptq.passes.splitting import BYTE_BUDGETS, float_parameters, split_outputs
 from onnxptq.state import CompileState
 
 REACH_BANDS = (1e-3, 1e-1)  # band edges of a class's largest calibration probability
 MIN_SHARE = 0.1  # of the model's float parameters: a smaller head is not worth two more nodes
 MIN_NEVER = 0.5  # share of the classes that must be in the lowest band for a split
-BYTE_BUDGETS = ("size_ratio", "max_drop")
+MAX_UNSEEN = 0.05  # Good–Turing: classes a new position brings to the lowest band's edge, at most
 
 
 def _last_axis(node: ir.Node, rank: int | None, opset: int) -> bool:
@@ -102,44 +116,31 @@ def class_heads(model: ir.Model) -> dict[str, tuple[str, bool]]:
     return heads
 
 
-def reach(state: CompileState, outputs: list[str], normalized: list[bool]) -> list[np.ndarray]:
-    """Per output, r_c: the largest probability of class c over the calibration samples and positions."""
+class Reach(NamedTuple):
+    """A class head's evidence on the calibration set: r_c per class, and u (module doc)."""
+
+    r: np.ndarray
+    unseen: float
+
+
+def unseen_rate(p: np.ndarray, edge: float = REACH_BANDS[0]) -> float:
+    """u = Q₁ / N for probabilities ``p`` [N positions, classes]: Q₁ the classes that reach ``edge`` at
+    exactly one position (the Good–Turing estimate, incidence form, of the classes a new position
+    brings to ``edge`` that none of the N did)."""
+    hits = (p >= edge).sum(axis=0)
+    return float((hits == 1).sum() / len(p))
+
+
+def reach(state: CompileState, outputs: list[str], normalized: list[bool]) -> list[Reach]:
+    """Per output, r_c (the largest probability of class c over the calibration samples and positions)
+    and u."""
     session = runtime.session(ir.serde.serialize_model(state.model), state.options.threads)
     scores = runtime.run_all(session, state.calib.batches(state.options.batch_size), outputs)
-    return [np.exp(log_probabilities(s, kind)).reshape(-1, s.shape[-1]).max(axis=0)
-            for s, kind in zip(scores, normalized)]
-
-
-def split_head(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray]) -> list[str]:
-    """Replace ``node`` by one layer per index set of ``parts`` (output channels), their outputs joined
-    and put back in channel order (module doc); returns the parts' node names."""
-    w = const(node.inputs[1])
-    columns = 0 if node.op_type == "Gemm" and attr(node, "transB", 0) else 1
-    bias = const(node.inputs[2]) if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    # a C broadcast along the classes (one value for all) goes whole to every part
-    sliced = bias is not None and bias.ndim >= 1 and bias.shape[-1] == w.shape[columns]
-    out = node.outputs[0]
-    nodes = []
-    for g, index in enumerate(parts):
-        inputs = [node.inputs[0], add_initializer(graph, f"{node.inputs[1].name}_part{g}",
-                                                  np.ascontiguousarray(np.take(w, index, axis=columns)))]
-        if sliced:
-            inputs.append(add_initializer(graph, f"{node.inputs[2].name}_part{g}",
-                                          np.ascontiguousarray(np.take(bias, index, axis=-1))))
-        elif bias is not None:
-            inputs.append(node.inputs[2])
-        part = ir.node(node.op_type, inputs, {k: a.value for k, a in node.attributes.items()},
-                       name=f"{node.name}_part{g}")
-        part.outputs[0].name = f"{out.name}_part{g}"
-        part.outputs[0].type = out.type
-        nodes.append(part)
-    order = np.concatenate(parts)
-    concat = ir.node("Concat", [p.outputs[0] for p in nodes], {"axis": -1}, name=f"{node.name}_joined")
-    concat.outputs[0].name, concat.outputs[0].type = f"{out.name}_joined", out.type
-    inverse = add_initializer(graph, f"{node.name}_class_order", np.argsort(order).astype(np.int32))
-    gather = ir.node("Gather", [concat.outputs[0], inverse], {"axis": -1}, name=f"{node.name}_classes")
-    ir.convenience.replace_nodes_and_values(graph, node, [node], [*nodes, concat, gather], [out], gather.outputs)
-    return [part.name for part in nodes]
+    found = []
+    for s, kind in zip(scores, normalized):
+        p = np.exp(log_probabilities(s, kind)).reshape(-1, s.shape[-1])
+        found.append(Reach(p.max(axis=0), unseen_rate(p)))
+    return found
 
 
 class HeadSplitPass:
@@ -149,8 +150,7 @@ class HeadSplitPass:
         if budget_of(state.options) not in BYTE_BUDGETS:
             return
         graph = state.model.graph
-        parameters = sum(v.const_value.size for v in graph.initializers.values()
-                         if v.const_value is not None and v.dtype == ir.DataType.FLOAT)
+        parameters = float_parameters(graph)
         heads = {name: head for name, head in class_heads(state.model).items()
                  if graph.node(name).inputs[1].const_value.size >= MIN_SHARE * parameters}
         if not heads:
@@ -159,12 +159,18 @@ class HeadSplitPass:
         kinds = {out: kind for out, kind in heads.values()}
         reaches = dict(zip(outputs, reach(state, outputs, [kinds[o] for o in outputs])))
         for name, (output, _) in heads.items():
-            r = reaches[output]
+            r, unseen = reaches[output]
             band = np.digitize(r, REACH_BANDS)
             bands = [b for b in range(len(REACH_BANDS) + 1) if (band == b).any()]
             if len(bands) < 2 or (band == 0).mean() < MIN_NEVER:
                 continue
-            parts = split_head(graph, graph.node(name), [np.flatnonzero(band == b) for b in bands])
+            if unseen > MAX_UNSEEN:
+                state.report.note(self.name, f"{name} left whole: the calibration set does not show which classes "
+                                  f"are never probable (a new input would bring about {unseen:.2f} classes to "
+                                  f"r ≥ {REACH_BANDS[0]:g} that no calibration input did; the split needs ≤ "
+                                  f"{MAX_UNSEEN:g}): give more calibration samples of each kind of input")
+                continue
+            parts = split_outputs(graph, graph.node(name), [np.flatnonzero(band == b) for b in bands], "part")
             common.RemoveUnusedNodesPass()(state.model)  # the unsplit weight
             state.report.note(self.name, f"{name} → " + ", ".join(
                 f"{part} ({int((band == b).sum())} classes, {_band(b)})" for part, b in zip(parts, bands))

@@ -14,7 +14,7 @@ from onnxptq.cli import main
 from onnxptq.data import load_calibration
 from onnxptq.model_io import to_ir
 from onnxptq.passes.fusion import FusionPass
-from onnxptq.passes.heads import REACH_BANDS, HeadSplitPass, class_heads
+from onnxptq.passes.heads import MAX_UNSEEN, REACH_BANDS, HeadSplitPass, class_heads, unseen_rate
 from onnxptq.passes.verification import optimized_kernels
 from onnxptq.state import CompileOptions, CompileState
 
@@ -60,7 +60,7 @@ def test_class_heads_are_found_through_bias_and_softmax(rng, positions, softmax)
     found = class_heads(fused.model)
     assert list(found) == ["head"] and found["head"][1] is softmax
     nodes = {n.name for n in split_state(model, data, size_ratio=0.3).model.graph}
-    assert "head" not in nodes and {"head_part0", "head_part1", "head_part2", "head_classes"} <= nodes
+    assert "head" not in nodes and {"head_part0", "head_part1", "head_part2", "head_channels"} <= nodes
 
 
 def test_a_layer_that_is_not_a_class_head_is_left_whole(rng):
@@ -104,6 +104,40 @@ def test_no_byte_budget_or_few_never_probable_classes_leave_the_head_whole(rng):
         assert "head" in {n.name for n in state.model.graph}, (never, options)
     assert "head" not in {n.name for n in split_state(classifier(rng, never=CLASSES // 2 + 20), calib(rng),
                                                           size_ratio=0.3).model.graph}
+
+
+def test_unseen_rate_counts_the_classes_that_reach_the_edge_at_one_position():
+    p = np.full((4, 5), 1e-4)
+    p[:, 0] = 0.9  # at every position
+    p[1, 1] = p[2, 1] = 0.01  # at two
+    p[3, 2] = 0.002  # at one
+    p[0, 3] = 0.001  # at one, on the edge
+    assert unseen_rate(p) == 2 / 4
+
+
+def test_a_head_is_split_only_where_the_calibration_set_shows_each_class_more_than_once(rng):
+    """Classes 20..51 each reach r ≥ 10⁻³ on one one-hot input only: seen once each, u = 32 / 32 and the
+    head is left whole, with a note; the same 32 inputs twice over see each twice, u = 0, and it is split."""
+    w1 = np.zeros((32, 64), np.float32)
+    w1[:, :32] = np.eye(32)
+    wh = np.zeros((64, CLASSES), np.float32)
+    wh[np.arange(32), 20 + np.arange(32)] = 14.0
+    bias = np.full(CLASSES, -14.0, np.float32)
+    bias[:20] = 2.0
+    model = make_model([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                        helper.make_node("MatMul", ["r", "wh"], ["z"], name="head"),
+                        helper.make_node("Add", ["z", "bh"], ["logits"], name="bias"),
+                        helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=-1)],
+                       [fvi("x", ["N", 32])], [fvi("y", ["N", CLASSES])], {"w1": w1, "wh": wh, "bh": bias})
+    once = {"x": np.eye(32, dtype=np.float32)}
+    state = split_state(model, once, size_ratio=0.3)
+    assert "head" in {n.name for n in state.model.graph}
+    (note,) = next(p for p in state.report.passes if p["name"] == "head-split")["notes"]
+    assert note.startswith("head left whole") and "about 1.00 classes" in note and f"≤ {MAX_UNSEEN:g}" in note
+    twice = {"x": np.tile(np.eye(32, dtype=np.float32), (2, 1))}
+    parts = [n.name for n in split_state(model, twice, size_ratio=0.3).model.graph if "_part" in n.name]
+    assert parts == ["head_part0", "head_part1"], parts
 
 
 def test_a_size_budget_gives_the_never_probable_classes_fewer_bits(rng, tmp_path):

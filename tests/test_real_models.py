@@ -23,7 +23,7 @@ from onnxptq.passes.bias_correction import BiasCorrectionPass
 from onnxptq.passes.bias_tuning import loss_graph, training_batches
 from onnxptq.passes.emission import emit_model
 from onnxptq.passes.fusion import FusionPass
-from onnxptq.passes.heads import HeadSplitPass
+from onnxptq.passes.heads import HeadSplitPass, class_heads
 from onnxptq.passes.sensitivity import float_outputs, output_distance
 from onnxptq.runtime import session
 from onnxptq.simulate import fused_codes
@@ -190,14 +190,18 @@ def test_ppocr_head_is_split_by_class_reach_and_computes_the_same(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_magika_softmax_is_fused_and_its_head_split_by_class_reach(tmp_path):
+def test_magika_softmax_is_fused_and_its_head_left_whole_for_want_of_evidence(tmp_path):
     """magika spells its softmax out (ReduceMax, Max, Reshape, Expand, Sub, Exp, ReduceSum, …, Div):
-    fusion writes it as one Softmax, so its 214-class head is seen and split under a size budget (the
-    52 + 12 calibration files make 40 classes probable, 55 marginal, 119 never: measured); the fused,
-    split model's outputs are the fp32 model's."""
+    fusion writes it as one Softmax, so its 214-class head is seen; under a size budget it is left
+    whole, because its 64 calibration files (one position each) do not show which classes are never
+    probable: many classes reach 10⁻³ on one file only (measured: u near 1, against PP-OCRv4's 0.012).
+    The fused model's outputs are the fp32 model's."""
     ex = importlib.import_module("examples.magika.example")
     ops, state = _fused_and_split(ex)
     assert ops[-1] == "Softmax" and "Exp" not in ops and "ReduceMax" not in ops
-    sizes = [const(n.inputs[1]).shape[1] for n in state.model.graph if n.name.endswith(tuple(f"_part{g}" for g in range(3)))]
-    assert len(sizes) == 3 and sum(sizes) == 214 and sizes[0] > 90, sizes
+    head = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Dense_1/MatMul"
+    assert list(class_heads(state.model)) == [head]
+    (note,) = next(p for p in state.report.passes if p["name"] == "head-split")["notes"]
+    unseen = float(note.split("bring about ")[1].split(" classes")[0])
+    assert note.startswith(f"{head} left whole") and 0.5 < unseen < 2, note
     _assert_fp32_outputs(ex, state, 64, tmp_path)
