@@ -20,6 +20,12 @@ def attr(node: ir.Node, name: str, default=None):
     return default if a is None else a.value
 
 
+def weight_channel_axis(node: ir.Node) -> int:
+    """The axis of a Conv's, Gemm's or MatMul's weight (input 1) along which its output channels lie:
+    0 for a Conv ([M, C/g, …]) and a transB Gemm ([N, K]), else 1 ([K, N])."""
+    return 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)) else 1
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer under a name not yet used in ``graph``."""
     taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}

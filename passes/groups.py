@@ -34,10 +34,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxptq.costs import SHARED_BYTES
-from onnxptq.graph import attr, const
+from onnxptq.graph import attr, const, weight_channel_axis
 from onnxptq.passes.candidates import budget_of
 from onnxptq.passes.heads import class_heads
-from onnxptq.passes.splitting import BYTE_BUDGETS, SPLIT_OPS, float_parameters, split_outputs, weight_axis
+from onnxptq.passes.splitting import BYTE_BUDGETS, SPLIT_OPS, float_parameters, split_outputs
 from onnxptq.state import CompileState
 
 MIN_SHARE = 0.25  # of the model's float parameters
@@ -52,10 +52,9 @@ def dominant_layers(model: ir.Model) -> list[ir.Node]:
     parameters, heads = float_parameters(model.graph), class_heads(model)
     found = []
     for node in model.graph:
-        w = const(node.inputs[1]) if node.op_type in SPLIT_OPS and len(node.inputs) > 1 else None
-        if node.name in heads:
-            continue
-        if w is None or w.size < MIN_SHARE * parameters or w.shape[weight_axis(node)] < GROUPS \
+        w = const(node.inputs[1]) if node.op_type in SPLIT_OPS and len(node.inputs) > 1 and node.name not in heads \
+            else None
+        if w is None or w.size < MIN_SHARE * parameters or w.shape[weight_channel_axis(node)] < GROUPS \
                 or w.size <= GROUPS * MIN_GROUP:
             continue
         if (node.op_type == "Conv" and attr(node, "group", 1) == 1) or (node.op_type != "Conv" and w.ndim == 2):
@@ -71,7 +70,7 @@ class LayerGroupPass:
             return
         graph = state.model.graph
         for node in dominant_layers(state.model):
-            channels = const(node.inputs[1]).shape[weight_axis(node)]
+            channels = const(node.inputs[1]).shape[weight_channel_axis(node)]
             groups = split_outputs(graph, node, np.array_split(np.arange(channels), GROUPS), "group")
             common.RemoveUnusedNodesPass()(state.model)  # the unsplit weight
             state.report.note(self.name, f"{node.name} → {len(groups)} layers of {channels // GROUPS}"

@@ -38,7 +38,7 @@ from onnxptq.state import CompileState
 from onnxptq.target import host_has_int32_dot, resolve_target
 
 
-def output_channel_axis(layer: LayerPlan) -> int:
+def output_channel_axis(layer: LayerPlan | ir.Node) -> int:
     """Axis of the output channels in the layer's output: 1 for Conv (N, C, …), last for Gemm/MatMul."""
     return 1 if layer.op_type == "Conv" else -1
 

@@ -47,7 +47,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxptq.errors import InputError
-from onnxptq.graph import attr, const, consumers
+from onnxptq.graph import attr, const, consumers, weight_channel_axis
 from onnxptq.kernels.quant import symmetric_qmax
 from onnxptq.plan import ActivationPlan, LayerPlan, QuantPlan, WeightGrid
 from onnxptq.state import CompileState
@@ -85,9 +85,9 @@ def _weight_axis(node: ir.Node) -> int | None:
             cv = const(c)
             if cv is None or cv.shape != (n,) or attr(node, "beta", 1.0) != 1.0:
                 return None
-        return 0 if attr(node, "transB", 0) else 1
+        return weight_channel_axis(node)
     if node.op_type == "MatMul" and w.ndim == 2:
-        return 1
+        return weight_channel_axis(node)
     return None
 
 

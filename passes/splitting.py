@@ -1,5 +1,5 @@
 """One weighted layer rewritten as several, each computing a set of its output channels, so that mixed
-precision can give each set its own bits (``passes/heads.py``, ``passes/dominant.py``).
+precision can give each set its own bits (``passes/heads.py``, ``passes/groups.py``).
 
 For a layer y = f(x; W, b) whose output channel c reads only column c of W (row c of a Conv's weight or
 of a Gemm's transposed B) and element c of b, and index sets P₀, P₁, … that partition the channels:
@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxptq.graph import add_initializer, attr, const
+from onnxptq.graph import add_initializer, const, weight_channel_axis
+from onnxptq.passes.layer_moments import output_channel_axis
 
 SPLIT_OPS = ("Conv", "Gemm", "MatMul")
 BYTE_BUDGETS = ("size_ratio", "max_drop")  # the budgets under which a split can pay
@@ -28,24 +29,12 @@ def float_parameters(graph: ir.Graph) -> int:
                if v.const_value is not None and v.dtype == ir.DataType.FLOAT)
 
 
-def weight_axis(node: ir.Node) -> int:
-    """The axis of ``node``'s weight along which its output channels lie."""
-    if node.op_type == "Conv":
-        return 0
-    return 0 if node.op_type == "Gemm" and attr(node, "transB", 0) else 1
-
-
-def output_axis(node: ir.Node) -> int:
-    """The axis of ``node``'s output that holds its channels (a Conv's is 1, a matrix product's the last)."""
-    return 1 if node.op_type == "Conv" else -1
-
-
 def split_outputs(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray], label: str) -> list[str]:
     """Replace ``node`` (an op of ``SPLIT_OPS`` with a constant weight) by one node per index set of
     ``parts``, named ``{node}_{label}{g}``, joined back in channel order (module doc); returns the new
     layers' names."""
     w = const(node.inputs[1])
-    axis = weight_axis(node)
+    axis = weight_channel_axis(node)
     bias = const(node.inputs[2]) if node.op_type != "MatMul" and len(node.inputs) > 2 else None
     sliced = bias is not None and bias.ndim >= 1 and bias.shape[-1] == w.shape[axis]
     out = node.outputs[0]
@@ -64,12 +53,12 @@ def split_outputs(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray], label
         part.outputs[0].type = out.type
         nodes.append(part)
     order = np.concatenate(parts)
-    concat = ir.node("Concat", [p.outputs[0] for p in nodes], {"axis": output_axis(node)}, name=f"{node.name}_joined")
+    concat = ir.node("Concat", [p.outputs[0] for p in nodes], {"axis": output_channel_axis(node)}, name=f"{node.name}_joined")
     concat.outputs[0].name, concat.outputs[0].type = f"{out.name}_joined", out.type
     added = [*nodes, concat]
     if not np.array_equal(order, np.arange(len(order))):
         inverse = add_initializer(graph, f"{node.name}_channel_order", np.argsort(order).astype(np.int32))
-        added.append(ir.node("Gather", [concat.outputs[0], inverse], {"axis": output_axis(node)},
+        added.append(ir.node("Gather", [concat.outputs[0], inverse], {"axis": output_channel_axis(node)},
                              name=f"{node.name}_channels"))
     ir.convenience.replace_nodes_and_values(graph, node, [node], added, [out], added[-1].outputs)
     return [part.name for part in nodes]
