@@ -97,3 +97,32 @@ def test_a_size_budget_gives_the_groups_their_own_bits_on_integer_kernels(rng, t
     again = tmp_path / "again.onnx"
     onnxptq.compile(model, {"x": x}, again, **options)
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_join_groups_writes_the_split_conv_back_as_one_integer_conv(rng, tmp_path):
+    """benchmarks/join_groups.py (a diagnostic whose numbers results.md reports): the joined Conv's
+    dequantized weight is the groups' weights concatenated exactly, it runs as one QLinearConv, and
+    its output differs from the split file's only by the one output grid."""
+    from benchmarks.join_groups import join_groups
+
+    model = conv_net(rng, channels=256, inputs=64)
+    x = rng.standard_normal((32, 64, 6, 6)).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    onnxptq.compile(model, {"x": x}, out, size_ratio=0.13, target="ort-cpu-size", candidates="w8a8,w4a8,w3a8")
+    split = onnx.load(out)
+    joined = onnx.load(out)
+    assert join_groups(joined) == 1
+    assert [n.name for n in joined.graph.node if n.op_type == "Conv"] == ["conv"]
+    assert optimized_kernels(joined)["conv"] == "QLinearConv"
+    assert joined.ByteSize() < split.ByteSize()
+
+    def run(m: onnx.ModelProto, extra: list[str]) -> list[np.ndarray]:
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in extra)
+        return runtime.session(m).run(None, {"x": x})
+
+    weights = [n.input[1] for n in split.graph.node if n.op_type == "Conv"]
+    y_split, *parts = run(split, weights)
+    y_joined, w_joined = run(joined, ["joined0_w"])
+    np.testing.assert_array_equal(w_joined, np.concatenate(parts))
+    assert np.abs(y_joined - y_split).max() <= 0.02 * np.abs(y_split).max()
