@@ -30,7 +30,7 @@ from onnxptq.passes.select import SelectPass
 from onnxptq.passes.tables import TablePass
 from onnxptq.passes.verification import VerificationPass
 from onnxptq.passes.weights import WeightGridPass
-from onnxptq.state import CompileOptions, CompileState, Progress, run_passes
+from onnxptq.state import BLOCK_SIZES, CompileOptions, CompileState, Progress, run_passes
 
 PIPELINE = (FusionPass, LayerGroupPass, HeadSplitPass, SelectPass, CalibrationPass, WeightGridPass, BitSplitPass, TablePass,
             MixedPrecisionPass, EmissionPass, VerificationPass)
@@ -60,7 +60,11 @@ def _options(options: dict[str, Any]) -> CompileOptions:
     unknown = sorted(set(options) - known)
     if unknown:
         raise InputError(f"unknown compile option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return CompileOptions(**options)
+    opts = CompileOptions(**options)
+    if opts.block_size not in BLOCK_SIZES:
+        raise InputError(f"--block-size {opts.block_size}: onnxruntime's MatMulNBits takes blocks of "
+                         f"{', '.join(map(str, BLOCK_SIZES[:-1]))} or {BLOCK_SIZES[-1]} weights; give one of those")
+    return opts
 
 
 def default_holdout(n: int) -> int:

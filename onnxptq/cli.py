@@ -111,6 +111,10 @@ def cli() -> None:
               "stores sub-8-bit weights packed as int4 (MatMulNBits for MatMul/Gemm), 3- and 2-bit ones as int3 and int2; "
               "generic-qdq writes plain "
               "opset-21 QDQ with int4/uint4 tensors for other runtimes (no fusion check).")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="4-bit MatMul/Gemm weights under --target ort-cpu-size: weights per float16 scale "
+              "along the input axis (onnxruntime's MatMulNBits blocks: 16, 32, 64, 128 or 256). Larger blocks store "
+              "fewer scales, smaller ones fit the weights closer.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held back for verification "
               "(default: a fifth, at most 64).")
@@ -148,7 +152,7 @@ def cli() -> None:
               "(one emission and one run of those samples per pass).")
 @with_image_flags
 def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_method, percentile, weight_method, weight_solver,
-                exclude, target, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
+                exclude, target, block_size, seed, holdout, batch_size, threads, json_path, min_coverage, min_sqnr, min_top1, quiet,
                 pipeline, size_ratio, bops_ratio, latency_ratio, latency_table, max_drop, candidates, sweep,
                 short_names, pass_effects, image_size, resize, mean, std, layout, scale) -> None:
     """Quantize MODEL with calibration data and write a QDQ model."""
@@ -166,7 +170,7 @@ def compile_cmd(model, calib, output, w_bits, a_bits, first_last_8bit, calib_met
         model, calib, output, image_options=_image_options(image_size, resize, mean, std, layout, scale),
         progress=None if quiet else Progress(console),
         w_bits=int(w_bits), a_bits=int(a_bits), calib_method=calib_method, percentile=percentile,
-        weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, seed=seed,
+        weight_method=weight_method, weight_solver=weight_solver, exclude=exclude, target=target, block_size=block_size, seed=seed,
         holdout=holdout, batch_size=batch_size, threads=threads, pipeline=pipeline, first_last_8bit=first_last_8bit,
         size_ratio=size_ratio, bops_ratio=bops_ratio, latency_ratio=latency_ratio, latency_table=latency_table,
         max_drop=max_drop, candidates=candidates, sweep=sweep, short_names=short_names,

@@ -15,6 +15,7 @@ from onnxptq.data import CalibrationSet
 from onnxptq.plan import QuantPlan
 
 T = TypeVar("T")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what onnxruntime's MatMulNBits takes: powers of two from 16 to 256
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class CompileOptions:
     holdout: int | None = None
     batch_size: int = 8
     threads: int = 0
-    block_size: int = 32
+    block_size: int = 32  # weights per scale of a 4-bit MatMul/Gemm under int4 storage, one of BLOCK_SIZES
     pipeline: str = "light"  # a name or a spec of correction passes (onnxptq/pipelines.py)
     first_last_8bit: bool = True  # below 8 bits, keep the first and last layers (and their inputs) at 8
     # mixed precision (passes/mixed.py): at most one budget; candidates per layer

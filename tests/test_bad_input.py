@@ -104,6 +104,7 @@ def test_unwritable_output(cnn_files, tmp_path, capsys):
     ("--w-bits", "5", "--w-bits"),
     ("--target", "tpu", "--target"),
     ("--exclude", "(", "regular expression"),
+    ("--block-size", "48", "--block-size 48"),
 ])
 def test_unknown_option_values(cnn_files, outdir, capsys, flag, value, needle):
     model, calib = cnn_files

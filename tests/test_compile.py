@@ -140,6 +140,10 @@ def test_matmul_w8_and_w4(rng, tmp_path):
     assert scale.data_type == onnx.TensorProto.FLOAT16 and list(scale.dims) == [2, 48], "float16, one per block"
     k4 = optimized_kernels(q4)
     assert k4["mm1"] == "MatMulNBits" and k4["mm2"] == "MatMulNBits", "the scales' Cast folds at load"
+    coarse = onnxptq.compile(model, calib, None, w_bits=4, block_size=64, target="ort-cpu-size",
+                             first_last_8bit=False, short_names=False).model
+    scale = next(i for i in coarse.graph.initializer if i.name == "w1_scale")
+    assert list(scale.dims) == [1, 48] and optimized_kernels(coarse)["mm1"] == "MatMulNBits"
     assert r4.report["verification"]["outputs"]["y"]["sqnr_db"] > 15
     # speed-first (the default target): 4-bit codes in int8 storage on the 8-bit integer kernels
     r4s = onnxptq.compile(model, calib, tmp_path / "q4s.onnx", w_bits=4, first_last_8bit=False)
