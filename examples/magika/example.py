@@ -33,15 +33,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from examples.common import CACHE, fetch_pypi
+from examples.common import CACHE, fetch_pypi, write_atomic
 
 NAME = "magika"
 PRIMARY = "top1"
@@ -118,16 +116,7 @@ def fp32_model() -> Path:
     path = CACHE / "models" / f"{NAME}_fp32.onnx"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as dst, open(_model_dir() / "model.onnx", "rb") as src:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, (_model_dir() / "model.onnx").read_bytes())
 
 
 # --------------------------------------------------------------------------------------------------

