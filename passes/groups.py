@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from onnxptq.costs import SHARED_BYTES
 from onnxptq.graph import attr, const, weight_channel_axis
@@ -72,7 +71,6 @@ class LayerGroupPass:
         for node in dominant_layers(state.model):
             channels = const(node.inputs[1]).shape[weight_channel_axis(node)]
             groups = split_outputs(graph, node, np.array_split(np.arange(channels), GROUPS), "group")
-            common.RemoveUnusedNodesPass()(state.model)  # the unsplit weight
             state.report.note(self.name, f"{node.name} → {len(groups)} layers of {channels // GROUPS}"
                               f"{'' if channels % GROUPS == 0 else '–' + str(-(-channels // GROUPS))} output channels "
                               f"({groups[0]} … {groups[-1]}), each given its own bits")

@@ -54,7 +54,6 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from onnxptq import runtime
 from onnxptq.graph import attr, const, consumers
@@ -171,7 +170,6 @@ class HeadSplitPass:
                                   f"{MAX_UNSEEN:g}): give more calibration samples of each kind of input")
                 continue
             parts = split_outputs(graph, graph.node(name), [np.flatnonzero(band == b) for b in bands], "part")
-            common.RemoveUnusedNodesPass()(state.model)  # the unsplit weight
             state.report.note(self.name, f"{name} → " + ", ".join(
                 f"{part} ({int((band == b).sum())} classes, {_band(b)})" for part, b in zip(parts, bands))
                 + ", r the largest probability of a class on the calibration set")

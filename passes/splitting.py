@@ -32,7 +32,7 @@ def float_parameters(graph: ir.Graph) -> int:
 def split_outputs(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray], label: str) -> list[str]:
     """Replace ``node`` (an op of ``SPLIT_OPS`` with a constant weight) by one node per index set of
     ``parts``, named ``{node}_{label}{g}``, joined back in channel order (module doc); returns the new
-    layers' names."""
+    layers' names. The unsplit weight and a sliced bias leave the graph's initializers."""
     w = const(node.inputs[1])
     axis = weight_channel_axis(node)
     bias = const(node.inputs[2]) if node.op_type != "MatMul" and len(node.inputs) > 2 else None
@@ -60,5 +60,9 @@ def split_outputs(graph: ir.Graph, node: ir.Node, parts: list[np.ndarray], label
         inverse = add_initializer(graph, f"{node.name}_channel_order", np.argsort(order).astype(np.int32))
         added.append(ir.node("Gather", [concat.outputs[0], inverse], {"axis": output_channel_axis(node)},
                              name=f"{node.name}_channels"))
+    replaced = [v for v in node.inputs[1:] if v is not None]
     ir.convenience.replace_nodes_and_values(graph, node, [node], added, [out], added[-1].outputs)
+    for value in replaced:  # the unsplit weight (and bias, if each part took a slice) no node reads now
+        if not value.uses() and graph.initializers.get(value.name) is value:
+            graph.initializers.pop(value.name)
     return [part.name for part in nodes]

@@ -58,6 +58,7 @@ def test_the_dominant_layer_is_split_into_groups_that_compute_the_same(rng, net,
     nodes = [n for n in state.model.graph]
     groups = [n for n in nodes if n.name.startswith(f"{layer}_group")]
     assert len(groups) == GROUPS and layer not in {n.name for n in nodes}
+    assert not {"wc", "bc", "w1"} & set(state.model.graph.initializers), "the unsplit weight and bias are dropped"
     assert "Gather" not in {n.op_type for n in nodes}, "consecutive channels need no reordering"
     # the groups hold consecutive rows (Conv) / columns (MatMul) of the weight, in order: 32 each, or 62–63
     weights = [n.inputs[1].const_value.numpy() for n in groups]
